@@ -1,0 +1,153 @@
+"""Speed and memory of QK attributions on a gpt2-small-shaped model, as ratios measured in one run.
+
+Workload (issue 2): random-init 12 layers × d_model 768 × 12 heads, a 128-token prompt, TopK SAEs
+(d_sae 24576, k 64) on every layer's residual. Prints the capture time, one attribution, all keys
+of one query, and the full per-layer table (time, peak extra memory, achieved FLOP/s against this
+machine's dense matmul FLOP/s measured in the same run).
+
+    python benchmarks/bench_qk.py [--tokens 128] [--d-sae 24576] [--k 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import warnings
+
+import psutil
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level, sampled every 2 ms in a thread."""
+
+    def __enter__(self):
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.extra = self.peak - self.base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--d-sae", type=int, default=24576)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    import qk_lens
+
+    cfg = HookedTransformerConfig(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+        d_vocab=50257, act_fn="gelu_new", normalization_type="LN", dtype=torch.float32,
+    )  # fmt: skip
+    model = qk_lens.attach(HookedTransformer(cfg))
+    for layer in range(cfg.n_layers):
+        sae = TopKSAE(
+            TopKSAEConfig(
+                d_in=768, d_sae=args.d_sae, k=args.k,
+                metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_pre"),
+            )
+        )  # fmt: skip
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.1)
+        model.add_dictionary(sae)
+    tokens = torch.randint(0, cfg.d_vocab, (args.tokens,))
+    T, L = args.tokens, args.layer
+
+    # Dense matmul roofline on this machine, same dtype and threads, in this run.
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t_mm = best_of(lambda: a @ b, 5)
+    roofline = 2 * 2048**3 / t_mm
+
+    t_fwd = best_of(lambda: model(tokens[None], return_type=None), 3)
+
+    def capture():
+        model.clear_qk_cache()
+        model.qk_capture(tokens)
+
+    t_cap = best_of(capture, 3)
+    model.qk_capture(tokens)
+    # Encode every position once (what a session of many calls pays once per layer).
+    t0 = time.perf_counter()
+    model.qk_attribution(tokens, L, 0, T - 1, None)
+    t_first_row = time.perf_counter() - t0
+
+    t_one = best_of(lambda: model.qk_attribution(tokens, L, 3, T - 1, T // 2), 20)
+    t_row = best_of(lambda: model.qk_attribution(tokens, L, 3, T - 1, None), 5)
+
+    model.qk_attribution_table(tokens, L, top_k=args.top_k)  # warm
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        table = model.qk_attribution_table(tokens, L, top_k=args.top_k)
+        t_table = time.perf_counter() - t0
+    flops = table.attrs["flops"]
+    achieved = flops / t_table
+    n_pairs = table.groupby(["head", "q_pos", "k_pos"]).ngroups
+    bytes_el = 4
+    sides = 12 * T * (args.k + 3) * 64 * bytes_el * 2
+    dense = 12 * T * T * (args.k + 3) ** 2 * bytes_el
+
+    print(
+        f"machine: {torch.get_num_threads()} threads, dense fp32 matmul {roofline / 1e9:.1f} GFLOP/s"
+    )
+    print(f"forward pass (plain)            {t_fwd * 1e3:8.1f} ms")
+    print(
+        f"capture (forward + hooks)       {t_cap * 1e3:8.1f} ms   = {t_cap / t_fwd:5.2f} × forward"
+    )
+    print(f"first full row (encodes {T} pos) {t_first_row * 1e3:8.1f} ms")
+    print(
+        f"one qk_attribution              {t_one * 1e3:8.2f} ms   = {100 * t_one / t_fwd:5.2f} % of forward (target ≤ 2 %)"
+    )
+    print(
+        f"all {T} keys of one query        {t_row * 1e3:8.1f} ms   = {100 * t_row / t_fwd:5.1f} % of forward"
+    )
+    print(
+        f"table L{L} (12 heads, {n_pairs} pairs, top {args.top_k}) {t_table:6.2f} s  "
+        f"{len(table)} rows  {flops / 1e9:.1f} GFLOP  {achieved / 1e9:.1f} GFLOP/s "
+        f"= roofline / {roofline / achieved:.2f}  (target ≤ 3)"
+    )
+    print(
+        f"table peak extra memory         {mem.extra / 2**20:8.1f} MiB   "
+        f"(projected sides {sides / 2**20:.1f} MiB; a dense T²·k² term tensor would be "
+        f"{dense / 2**20:.0f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

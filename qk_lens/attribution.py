@@ -1,0 +1,526 @@
+"""QK attributions: a head's score at (q, k) as a sum of query-part × key-part terms.
+
+``terms[a, b] = q_a · k_b`` with ``q_a`` already divided by ``attn_scale``; the terms sum to the
+model's raw (pre-softcap) score. The heavy lifting (bases, frozen maps) lives in ``bases`` and
+``attention``; this module assembles projected sides and wraps the numbers in result objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from qk_lens.attention import LayerQK, Side
+from qk_lens.bases import PART_COLUMNS, Meta, PartsBatch, _meta, concat_meta, meta_frame, take_meta
+from qk_lens.capture import Capture
+
+ALIBI_LABEL = "ALiBi (slope·distance)"
+BIAS_KINDS = ("dictionary bias", "attention bias", "attention bias out", "alibi")
+
+
+class CompletenessError(AssertionError):
+    """The terms of an attribution do not sum to the model's own score."""
+
+
+# --------------------------------------------------------------------------- projected sides
+@dataclass
+class ProjectedSide:
+    """One side's parts in head space, for several heads and positions (padded slots)."""
+
+    vectors: Float[Tensor, "h n_pos slot d_head"]
+    valid: Bool[Tensor, "n_pos slot"]
+    meta: Meta  # entries of valid (pos, slot) in row-major order
+    positions: Int[Tensor, "n_pos"]
+
+    @cached_property
+    def _starts(self) -> np.ndarray:
+        counts = self.valid.sum(1).numpy()
+        return np.concatenate([[0], np.cumsum(counts)])
+
+    def rows_of(self, i: int) -> slice:
+        """The meta entries belonging to the i-th position."""
+        return slice(int(self._starts[i]), int(self._starts[i + 1]))
+
+
+def project_side(
+    model: Any,
+    qk: LayerQK,
+    side: Side,
+    basis: Any,
+    positions: Int[Tensor, "n_pos"],
+    heads: Int[Tensor, "h"],
+) -> ProjectedSide:
+    """Basis parts at ``positions`` → head space, plus the attention-bias part of each position."""
+    cap = qk.cap
+    qk.check_clip(side, positions, heads)
+    pb: PartsBatch = basis.parts(model, cap, qk.layer, positions)
+    n_pos, n_slots, d_model = pb.vectors.shape
+    flat_pos = positions[:, None].expand(n_pos, n_slots).reshape(-1)
+    proj = qk.project(side, pb.vectors.reshape(-1, d_model), flat_pos, heads, pb.space)
+    proj = proj.reshape(len(heads), n_pos, n_slots, -1)
+    extras = [qk.project_bias(side, positions, heads)[:, :, None]]
+    wqk = "W_Q + b_Q" if side == "query" else "W_K + b_K"
+    pos_np = positions.numpy()
+    extra_meta = [
+        _meta("attention bias", qk.layer, -1, pos_np, -1, np.nan, f"attn bias (ln1.b·{wqk})")
+    ]
+    if qk.shortformer:
+        pos_embed = cap.get("hook_pos_embed")[positions]
+        extras.append(qk.project(side, pos_embed, positions, heads, "attn_input")[:, :, None])
+        extra_meta.append(
+            _meta(
+                "positional embedding",
+                -1,
+                -1,
+                pos_np,
+                -1,
+                np.nan,
+                "positional embedding (shortformer)",
+            )
+        )
+    vectors = torch.cat([proj, *extras], dim=2)
+    valid = torch.cat([pb.valid, torch.ones(n_pos, len(extras), dtype=torch.bool)], dim=1)
+    # Interleave the extra entries after each position's basis parts (row-major over (pos, slot)).
+    width = n_slots + len(extras)
+    counts = pb.valid.sum(1).numpy()
+    keys = [np.repeat(np.arange(n_pos), counts) * width + _ranks(counts)]
+    keys += [np.arange(n_pos) * width + n_slots + j for j in range(len(extras))]
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    meta = take_meta(concat_meta([pb.meta, *extra_meta]), order)
+    return ProjectedSide(vectors, valid, meta, positions)
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated."""
+    if len(counts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(int(counts.sum())) - starts
+
+
+# --------------------------------------------------------------------------- results
+def _tolerance(dtype: torch.dtype, row_scale: float) -> float:
+    """The contract: 1e-9 absolute in float64, 1e-4 relative to the row's score scale otherwise."""
+    if dtype == torch.float64:
+        return 1e-9
+    return 1e-4 * max(row_scale, 1e-6)
+
+
+def _interaction_kind(q_kind: np.ndarray, k_kind: np.ndarray) -> np.ndarray:
+    q_kind = np.asarray(q_kind, dtype=object)
+    k_kind = np.asarray(k_kind, dtype=object)
+    out = np.full(q_kind.shape, "other", dtype=object)
+    is_bias = np.isin(q_kind, BIAS_KINDS) | np.isin(k_kind, BIAS_KINDS)
+    out[is_bias] = "bias"
+    out[(q_kind == "error") | (k_kind == "error")] = "error"
+    out[(q_kind == "feature") & (k_kind == "feature")] = "feature × feature"
+    return out
+
+
+@dataclass
+class QKAttribution:
+    """Why head ``head`` of ``layer`` scored key ``k_pos`` from query ``q_pos`` as it did.
+
+    ``terms[a, b]`` is the interaction of query part ``a`` (a row of ``query_parts``) with key
+    part ``b`` (a row of ``key_parts``); ``terms.sum() == score``, the raw pre-softcap score.
+    ``model_score`` is what ``hook_attn_scores`` holds (after softcap / ALiBi), ``prob`` the
+    pattern value.
+    """
+
+    layer: int
+    head: int
+    q_pos: int
+    k_pos: int
+    terms: Float[Tensor, "n_q n_k"]
+    query_meta: Meta
+    key_meta: Meta
+    query_vectors: Float[Tensor, "n_q d_head"]
+    key_vectors: Float[Tensor, "n_k d_head"]
+    model_raw_score: float
+    model_score: float
+    prob: float
+    softcap: float | None = None
+    row_scale: float = 1.0
+    q_token: str | None = None
+    k_token: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ the parts
+    @cached_property
+    def query_parts(self) -> pd.DataFrame:
+        """One row per query part: kind, layer, head, position, feature, activation, label."""
+        return meta_frame(self.query_meta)
+
+    @cached_property
+    def key_parts(self) -> pd.DataFrame:
+        """One row per key part: kind, layer, head, position, feature, activation, label."""
+        return meta_frame(self.key_meta)
+
+    # ------------------------------------------------------------------ the numbers
+    @property
+    def score(self) -> float:
+        """The raw (pre-softcap) score: the sum of the terms."""
+        return float(self.terms.sum())
+
+    @property
+    def capped_score(self) -> float:
+        """``cap·tanh(score/cap)`` under softcap, else the score."""
+        if self.softcap is None:
+            return self.score
+        return float(self.softcap * np.tanh(self.score / self.softcap))
+
+    def capped_terms(self) -> Float[Tensor, "n_q n_k"]:
+        """Terms rescaled by capped/raw so that they sum to the (softcapped) model score.
+
+        Softcap is not bilinear; this proportional view is a convention, reported as such.
+        """
+        s = self.score
+        return self.terms * (self.capped_score / s if s != 0 else 1.0)
+
+    @property
+    def tolerance(self) -> float:
+        return _tolerance(self.terms.dtype, self.row_scale)
+
+    def check(self, tolerance: float | None = None) -> float:
+        """Raise :class:`CompletenessError` unless the terms sum to the model's own scores.
+
+        Checks Σ terms against the raw score read from the model's hooks, and the (softcapped)
+        sum against ``hook_attn_scores``. Returns the larger absolute error.
+        """
+        tol = self.tolerance if tolerance is None else tolerance
+        err_raw = abs(self.score - self.model_raw_score)
+        err_final = abs(self.capped_score - self.model_score)
+        err = max(err_raw, err_final)
+        if not err <= tol:
+            raise CompletenessError(
+                f"L{self.layer}H{self.head} q={self.q_pos} k={self.k_pos}: Σ terms = {self.score!r} "
+                f"but the model's raw score is {self.model_raw_score!r} (|Δ| = {err_raw:.3g}) and "
+                f"its hook_attn_scores value is {self.model_score!r} (|Δ| = {err_final:.3g}); "
+                f"tolerance {tol:.3g}"
+            )
+        return err
+
+    # ------------------------------------------------------------------ tables
+    def _pair_frame(self, qi: np.ndarray, ki: np.ndarray, values: np.ndarray) -> pd.DataFrame:
+        cols = ["kind", "position", "layer", "head", "feature", "activation", "label"]
+        data = {f"q_{c}": self.query_meta[c][qi] for c in cols}
+        data.update({f"k_{c}": self.key_meta[c][ki] for c in cols})
+        out = pd.DataFrame(data)
+        out["term"] = values
+        score = self.score
+        out["share"] = values / score if score != 0 else np.nan
+        out["interaction"] = _interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
+        return out
+
+    def top(self, k: int = 10, sign: str = "abs") -> pd.DataFrame:
+        """The ``k`` largest interactions (by |term|, or ``sign="pos"/"neg"``), both labels side by side."""
+        if sign not in ("abs", "pos", "neg"):
+            raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
+        flat = self.terms.reshape(-1)
+        key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
+        k = min(int(k), flat.numel())
+        vals, idx = torch.topk(key, k)
+        idx = idx.numpy()
+        n_k = self.terms.shape[1]
+        frame = self._pair_frame(idx // n_k, idx % n_k, flat[idx].to(torch.float64).numpy())
+        return frame.reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every term as a row (n_q × n_k rows)."""
+        n_q, n_k = self.terms.shape
+        qi, ki = np.divmod(np.arange(n_q * n_k), n_k)
+        return self._pair_frame(qi, ki, self.terms.reshape(-1).to(torch.float64).numpy())
+
+    def query_marginals(self) -> pd.DataFrame:
+        """Each query part's total over all key parts (= q_a · k), sorted by |value|."""
+        out = self.query_parts.copy()
+        out["marginal"] = self.terms.sum(1).to(torch.float64).numpy()
+        return out.reindex(out["marginal"].abs().sort_values(ascending=False).index)
+
+    def key_marginals(self) -> pd.DataFrame:
+        """Each key part's total over all query parts (= q · k_b), sorted by |value|."""
+        out = self.key_parts.copy()
+        out["marginal"] = self.terms.sum(0).to(torch.float64).numpy()
+        return out.reindex(out["marginal"].abs().sort_values(ascending=False).index)
+
+    def coverage(self) -> pd.DataFrame:
+        """How much of the score each kind of interaction carries.
+
+        Rows: ``feature × feature``, ``error`` (any term touching an error part), ``bias`` (touching
+        a dictionary/attention bias and no error), ``other`` (e.g. upstream components). Columns:
+        the summed terms, their share of the score, and their share of Σ|terms|. A dictionary
+        explains a score well when feature × feature carries most of both.
+        """
+        q_kind = self.query_meta["kind"]
+        k_kind = self.key_meta["kind"]
+        kinds = _interaction_kind(
+            q_kind[:, None].repeat(len(k_kind), 1),
+            np.broadcast_to(k_kind, (len(q_kind), len(k_kind))),
+        )
+        t = self.terms.to(torch.float64).numpy()
+        total_abs = np.abs(t).sum()
+        score = t.sum()
+        rows = []
+        for name in ("feature × feature", "error", "bias", "other"):
+            m = kinds == name
+            s = t[m].sum()
+            rows.append(
+                {
+                    "interaction": name,
+                    "sum": s,
+                    "share_of_score": s / score if score != 0 else np.nan,
+                    "share_of_abs": np.abs(t[m]).sum() / total_abs if total_abs > 0 else np.nan,
+                    "n_terms": int(m.sum()),
+                }
+            )
+        return pd.DataFrame(rows).set_index("interaction")
+
+    def __repr__(self) -> str:
+        tok = ""
+        if self.q_token is not None:
+            tok = f" ({self.q_token!r} → {self.k_token!r})"
+        return (
+            f"QKAttribution(L{self.layer}H{self.head}, q={self.q_pos}, k={self.k_pos}{tok}, "
+            f"score={self.score:.4g}, model_score={self.model_score:.4g}, prob={self.prob:.3g}, "
+            f"terms={tuple(self.terms.shape)})"
+        )
+
+    # ------------------------------------------------------------------ files (no pickle)
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (tensors) and ``path.json`` (tables and scalars)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        save_file(
+            {
+                "terms": self.terms.contiguous(),
+                "query_vectors": self.query_vectors.contiguous(),
+                "key_vectors": self.key_vectors.contiguous(),
+            },
+            str(path.with_suffix(".safetensors")),
+        )
+        info = {
+            "format": "qk_lens.QKAttribution/1",
+            "layer": self.layer,
+            "head": self.head,
+            "q_pos": self.q_pos,
+            "k_pos": self.k_pos,
+            "model_raw_score": self.model_raw_score,
+            "model_score": self.model_score,
+            "prob": self.prob,
+            "softcap": self.softcap,
+            "row_scale": self.row_scale,
+            "q_token": self.q_token,
+            "k_token": self.k_token,
+            "meta": self.meta,
+            "query_parts": {c: v.tolist() for c, v in self.query_meta.items()},
+            "key_parts": {c: v.tolist() for c, v in self.key_meta.items()},
+        }
+        path.with_suffix(".json").write_text(json.dumps(info, default=_json_default))
+
+    @classmethod
+    def load(cls, path: str | Path) -> QKAttribution:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        js, st = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for f in (js, st):
+            if not f.exists():
+                raise FileNotFoundError(
+                    f"{f} does not exist (a saved QKAttribution is a .json + .safetensors pair)"
+                )
+        try:
+            info = json.loads(js.read_text())
+            tensors = load_file(str(st))
+        except Exception as e:  # corrupt files: say which and why
+            raise ValueError(f"could not read saved QKAttribution at {path}: {e}") from e
+        if info.get("format") != "qk_lens.QKAttribution/1":
+            raise ValueError(f"{js} is not a saved QKAttribution (format={info.get('format')!r})")
+        try:
+            qp = _meta(*(info["query_parts"][c] for c in PART_COLUMNS))
+            kp = _meta(*(info["key_parts"][c] for c in PART_COLUMNS))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{js}: part tables are malformed ({e})") from e
+        terms = tensors["terms"]
+        if terms.shape != (len(qp["kind"]), len(kp["kind"])):
+            raise ValueError(
+                f"{st}: terms shape {tuple(terms.shape)} does not match the part tables"
+            )
+        return cls(
+            layer=info["layer"],
+            head=info["head"],
+            q_pos=info["q_pos"],
+            k_pos=info["k_pos"],
+            terms=terms,
+            query_meta=qp,
+            key_meta=kp,
+            query_vectors=tensors["query_vectors"],
+            key_vectors=tensors["key_vectors"],
+            model_raw_score=info["model_raw_score"],
+            model_score=info["model_score"],
+            prob=info["prob"],
+            softcap=info["softcap"],
+            row_scale=info["row_scale"],
+            q_token=info["q_token"],
+            k_token=info["k_token"],
+            meta=info["meta"],
+        )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if np.isnan(o) else float(o)
+    raise TypeError(f"cannot serialize {type(o).__name__}")
+
+
+@dataclass
+class QKAttributions:
+    """QK attributions of one query against several keys (per-key access, the pattern row)."""
+
+    layer: int
+    head: int
+    q_pos: int
+    items: list[QKAttribution]
+    pattern: Float[Tensor, "n_keys_in_row"]  # the head's whole pattern row at q_pos (masked = 0)
+
+    @property
+    def k_positions(self) -> list[int]:
+        return [a.k_pos for a in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, k_pos: int) -> QKAttribution:
+        for a in self.items:
+            if a.k_pos == k_pos:
+                return a
+        if k_pos < 0 and len(self.pattern) + k_pos in self.k_positions:
+            return self[len(self.pattern) + k_pos]
+        raise KeyError(f"key position {k_pos} is not among the attributed keys {self.k_positions}")
+
+    @property
+    def scores(self) -> Float[Tensor, "n_keys"]:
+        return torch.tensor([a.score for a in self.items], dtype=torch.float64)
+
+    @property
+    def probs(self) -> Float[Tensor, "n_keys"]:
+        return torch.tensor([a.prob for a in self.items], dtype=torch.float64)
+
+    def stacked_terms(
+        self,
+    ) -> tuple[Float[Tensor, "n_keys n_q max_k"], Bool[Tensor, "n_keys max_k"]]:
+        """All keys' term matrices padded to a common number of key parts, with the mask."""
+        n_max = max(a.terms.shape[1] for a in self.items)
+        n_q = self.items[0].terms.shape[0]
+        out = self.items[0].terms.new_zeros(len(self.items), n_q, n_max)
+        mask = torch.zeros(len(self.items), n_max, dtype=torch.bool)
+        for i, a in enumerate(self.items):
+            out[i, :, : a.terms.shape[1]] = a.terms
+            mask[i, : a.terms.shape[1]] = True
+        return out, mask
+
+    def check(self) -> float:
+        return max(a.check() for a in self.items)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per key: position, token, score, model score, probability."""
+        return pd.DataFrame(
+            {
+                "k_pos": [a.k_pos for a in self.items],
+                "k_token": [a.k_token for a in self.items],
+                "score": [a.score for a in self.items],
+                "model_score": [a.model_score for a in self.items],
+                "prob": [a.prob for a in self.items],
+            }
+        )
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The largest |term| interactions over all keys, with the key position."""
+        frames = [a.top(k).assign(k_pos=a.k_pos) for a in self.items]
+        out = pd.concat(frames, ignore_index=True)
+        return out.reindex(out["term"].abs().sort_values(ascending=False).index[:k]).reset_index(
+            drop=True
+        )
+
+    def __repr__(self) -> str:
+        return f"QKAttributions(L{self.layer}H{self.head}, q={self.q_pos}, keys={self.k_positions})"
+
+
+# --------------------------------------------------------------------------- computation
+def attribute(
+    model: Any,
+    cap: Capture,
+    qk: LayerQK,
+    head: int,
+    q_pos: int,
+    k_positions: list[int],
+    query_basis: Any,
+    key_basis: Any,
+) -> list[QKAttribution]:
+    """Attributions of one query against the given (validated, unmasked) keys, in one batch."""
+    heads = torch.tensor([head])
+    q_side = project_side(model, qk, "query", query_basis, torch.tensor([q_pos]), heads)
+    k_side = project_side(model, qk, "key", key_basis, torch.tensor(k_positions), heads)
+    qv = q_side.vectors[0, 0][q_side.valid[0]]  # [n_q, d_head]
+    raw = qk.model_raw_scores()[head]
+    final = cap.scores(qk.layer)[head]
+    pattern = cap.pattern(qk.layer)[head]
+    allowed = qk.key_allowed(torch.tensor([q_pos]), torch.arange(cap.n_tokens))[0]
+    row_scale = float(raw[q_pos][allowed].abs().max())
+    alibi = qk.alibi_terms(heads, torch.tensor([q_pos]), torch.tensor(k_positions))[0, 0]
+    tokens = cap.str_tokens
+    q_meta = q_side.meta
+    if qk.alibi:
+        q_meta = concat_meta(
+            [q_meta, _meta("alibi", qk.layer, head, np.array([q_pos]), -1, np.nan, ALIBI_LABEL)]
+        )
+        qv = torch.cat([qv, qv.new_zeros(1, qv.shape[1])])
+    out = []
+    for i, k in enumerate(k_positions):
+        kv = k_side.vectors[0, i][k_side.valid[i]]
+        terms = qv @ kv.T
+        k_meta = take_meta(k_side.meta, k_side.rows_of(i))
+        if qk.alibi:
+            # ALiBi is additive, not bilinear: one labelled query part × one key part holds it.
+            terms = torch.cat([terms, terms.new_zeros(terms.shape[0], 1)], dim=1)
+            terms[-1, -1] = alibi[i]
+            k_meta = concat_meta(
+                [k_meta, _meta("alibi", qk.layer, head, np.array([k]), -1, np.nan, ALIBI_LABEL)]
+            )
+            kv = torch.cat([kv, kv.new_zeros(1, kv.shape[1])])
+        out.append(
+            QKAttribution(
+                layer=qk.layer,
+                head=head,
+                q_pos=q_pos,
+                k_pos=k,
+                terms=terms,
+                query_meta=q_meta,
+                key_meta=k_meta,
+                query_vectors=qv,
+                key_vectors=kv,
+                model_raw_score=float(raw[q_pos, k]),
+                model_score=float(final[q_pos, k]),
+                prob=float(pattern[q_pos, k]),
+                softcap=qk.softcap,
+                row_scale=row_scale,
+                q_token=tokens[q_pos] if tokens else None,
+                k_token=tokens[k] if tokens else None,
+                meta={"query_basis": query_basis.key[0], "key_basis": key_basis.key[0]},
+            )
+        )
+    return out

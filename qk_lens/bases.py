@@ -1,0 +1,270 @@
+"""Bases: the residual stream entering a layer, at each position, written exactly as a sum of parts.
+
+A basis yields a :class:`PartsBatch` for a set of positions: residual-space vectors padded to a
+common number of slots, a validity mask and one metadata row per valid part. Two bases ship:
+a SAELens dictionary (features, dictionary bias, error) and the upstream split (token embedding,
+positional embedding, each earlier head, each earlier attention bias and MLP). Each is valid only
+because its parts sum to the residual the layer reads; the tests hold them to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+from qk_lens.attention import compute_dtype, linearize_norm, norm_kind
+from qk_lens.capture import Capture
+from qk_lens.dictionaries import Decomposition, Dictionary
+
+PART_COLUMNS = ["kind", "layer", "head", "position", "feature", "activation", "label"]
+
+
+@dataclass
+class PartsBatch:
+    """Parts of the residual at several positions, padded to ``n_slots`` per position."""
+
+    positions: Int[Tensor, "n_pos"]
+    vectors: Float[Tensor, "n_pos slot d_model"]
+    valid: Bool[Tensor, "n_pos slot"]
+    meta: Meta  # one entry per valid (pos, slot), in row-major (pos, slot) order
+    space: str  # "resid" or "normalized": what the vectors sum to
+
+    @property
+    def n_slots(self) -> int:
+        return self.vectors.shape[1]
+
+    def flat(self) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, "n"]]:
+        """The valid parts as one list with each part's position."""
+        pos = self.positions[:, None].expand_as(self.valid)
+        return self.vectors[self.valid], pos[self.valid]
+
+
+Meta = dict[str, np.ndarray]  # one array per column of PART_COLUMNS, one entry per part
+
+
+def _meta(
+    kind: np.ndarray | str,
+    layer: np.ndarray | int,
+    head: np.ndarray | int,
+    position: np.ndarray,
+    feature: np.ndarray | int,
+    activation: np.ndarray | float,
+    label: list[str] | np.ndarray | str,
+) -> Meta:
+    """Part metadata as numpy columns (DataFrames are built only when a user asks for one)."""
+    n = len(position)
+    dtypes = (object, np.int64, np.int64, np.int64, np.int64, np.float64, object)
+    values = (kind, layer, head, position, feature, activation, label)
+    out = {}
+    for name, v, dt in zip(PART_COLUMNS, values, dtypes, strict=True):
+        if isinstance(v, str) or np.ndim(v) == 0:
+            arr = np.empty(n, dtype=dt)
+            arr[:] = v
+        else:
+            arr = np.asarray(v, dtype=dt)
+        out[name] = arr
+    return out
+
+
+def concat_meta(parts: list[Meta]) -> Meta:
+    return {c: np.concatenate([m[c] for m in parts]) for c in PART_COLUMNS}
+
+
+def take_meta(meta: Meta, idx: np.ndarray | slice) -> Meta:
+    return {c: v[idx] for c, v in meta.items()}
+
+
+def meta_frame(meta: Meta) -> pd.DataFrame:
+    return pd.DataFrame(meta, columns=PART_COLUMNS)
+
+
+class DictionaryBasis:
+    """Active dictionary features f_i·d_i, the dictionary bias and the error, per position."""
+
+    def __init__(self, dictionary: Dictionary) -> None:
+        self.dictionary = dictionary
+
+    @property
+    def key(self) -> tuple:
+        return ("dictionary", id(self.dictionary))
+
+    def parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> PartsBatch:
+        d = self.dictionary
+        dt = compute_dtype(model)
+        hook = "ln1.hook_normalized" if d.space == "normalized" else "hook_resid_pre"
+        x = cap.layer_act(layer, hook).to(dt)[positions]
+        dec = self._decompose(cap, layer, x, positions)
+        W_dec = d.decoder(dt, x.device)
+        n_pos, k = dec.feature_ids.shape
+        active = dec.feature_ids >= 0
+        safe_ids = dec.feature_ids.clamp(min=0)
+        feat_vecs = dec.coeffs[..., None] * W_dec[safe_ids]  # [n_pos, k, d_model]
+        vectors = torch.cat([feat_vecs, dec.bias[:, None], dec.error[:, None]], dim=1)
+        valid = torch.cat([active, torch.ones(n_pos, 2, dtype=torch.bool)], dim=1)
+
+        pos_np = positions.numpy()
+        ids = dec.feature_ids.numpy()
+        acts = dec.activations.to(torch.float64).numpy()
+        act_mask = active.numpy()
+        f_pos = np.broadcast_to(pos_np[:, None], ids.shape)[act_mask]
+        f_ids = ids[act_mask]
+        f_meta = _meta(
+            np.full(len(f_ids), "feature", dtype=object),
+            layer,
+            -1,
+            f_pos,
+            f_ids,
+            acts[act_mask],
+            [d.label(int(i)) for i in f_ids],
+        )
+        # Row-major (pos, slot) order: each position's features, then its bias, then its error.
+        order = np.argsort(
+            np.concatenate([np.nonzero(act_mask)[0] * (k + 2) + np.nonzero(act_mask)[1],
+                            np.repeat(np.arange(n_pos) * (k + 2), 2) + np.tile([k, k + 1], n_pos)]),
+            kind="stable",
+        )  # fmt: skip
+        extra_kind = np.array(["dictionary bias", "error"] * n_pos, dtype=object)
+        extra_meta = _meta(
+            extra_kind,
+            layer,
+            -1,
+            np.repeat(pos_np, 2),
+            -1,
+            np.nan,
+            np.array([f"{d.name} bias", f"{d.name} error"] * n_pos, dtype=object),
+        )
+        meta = take_meta(concat_meta([f_meta, extra_meta]), order)
+        return PartsBatch(positions, vectors, valid, meta, d.space)
+
+    def _decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
+        """Decompose only positions not yet decomposed on this capture; reuse the rest."""
+        store = cap.derived.setdefault(("decomp", id(self.dictionary), layer, x.dtype), {})
+        pos_list = positions.tolist()
+        missing = [i for i, p in enumerate(pos_list) if p not in store]
+        if missing:
+            dec = self.dictionary.decompose(x[missing])
+            for j, i in enumerate(missing):
+                n_active = int((dec.feature_ids[j] >= 0).sum())
+                store[pos_list[i]] = Decomposition(
+                    dec.feature_ids[j, :n_active],
+                    dec.coeffs[j, :n_active],
+                    dec.activations[j, :n_active],
+                    dec.bias[j],
+                    dec.error[j],
+                )
+        items = [store[p] for p in pos_list]
+        k = max(1, max(len(it.feature_ids) for it in items))
+
+        def pad(t: Tensor, fill: float) -> Tensor:
+            return torch.cat([t, torch.full((k - t.shape[0],), fill, dtype=t.dtype)])
+
+        return Decomposition(
+            torch.stack([pad(it.feature_ids, -1) for it in items]),
+            torch.stack([pad(it.coeffs, 0.0) for it in items]),
+            torch.stack([pad(it.activations, 0.0) for it in items]),
+            torch.stack([it.bias for it in items]),
+            torch.stack([it.error for it in items]),
+        )
+
+
+class UpstreamBasis:
+    """Token embedding, positional embedding, each earlier head, attention bias and MLP output."""
+
+    key = ("upstream",)
+
+    def parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> PartsBatch:
+        cfg = model.cfg
+        dt = compute_dtype(model)
+        vecs: list[Tensor] = []  # each [n_pos, n, d_model]
+        kinds: list[str] = []
+        layers: list[int] = []
+        heads: list[int] = []
+        labels: list[str] = []
+
+        def add(v: Tensor, kind: str, lyr: int, head: int, label: str) -> None:
+            vecs.append(v.to(dt)[:, None] if v.ndim == 2 else v.to(dt))
+            kinds.append(kind)
+            layers.append(lyr)
+            heads.append(head)
+            labels.append(label)
+
+        add(cap.get("hook_embed")[positions], "token embedding", -1, -1, "token embedding")
+        if cfg.positional_embedding_type == "standard":
+            add(
+                cap.get("hook_pos_embed")[positions],
+                "positional embedding",
+                -1,
+                -1,
+                "positional embedding",
+            )
+        for lyr in range(layer):
+            block = model.blocks[lyr]
+            z = cap.layer_act(lyr, "attn.hook_z").to(dt)[positions]  # [n, head, d_head]
+            W_O = block.attn.W_O.detach().to(dt)
+            head_out = torch.einsum("n h e, h e d -> n h d", z, W_O)
+            b_O = block.attn.b_O.detach().to(dt)[None].expand(len(positions), -1)
+            post = self._post_norm(model, cap, lyr)
+            if post is not None:
+                # Attention output is normalized before the residual add; at the frozen scale the
+                # norm is linear, so each head's share is its output through that linear map.
+                kind, scale, w, b = post
+                s = scale[positions]
+                n, H, d = head_out.shape
+                head_out = linearize_norm(
+                    head_out.reshape(n * H, d), s.repeat_interleave(H), kind, w
+                )
+                head_out = head_out.reshape(n, H, d)
+                b_O = linearize_norm(b_O, s, kind, w)
+                if b is not None:
+                    b_O = b_O + b
+            for h in range(cfg.n_heads):
+                vecs.append(head_out[:, h : h + 1])
+                kinds.append("head")
+                layers.append(lyr)
+                heads.append(h)
+                labels.append(f"L{lyr}H{h}")
+            add(b_O, "attention bias out", lyr, -1, f"L{lyr} attn b_O")
+            if not cfg.attn_only:
+                add(cap.layer_act(lyr, "hook_mlp_out")[positions], "mlp", lyr, -1, f"L{lyr} MLP")
+        vectors = torch.cat(vecs, dim=1)
+        n_pos, n_slots = vectors.shape[:2]
+        valid = torch.ones(n_pos, n_slots, dtype=torch.bool)
+        pos_np = np.repeat(positions.numpy(), n_slots)
+        meta = _meta(
+            np.tile(np.array(kinds, dtype=object), n_pos),
+            np.tile(np.array(layers), n_pos),
+            np.tile(np.array(heads), n_pos),
+            pos_np,
+            -1,
+            np.nan,
+            np.tile(np.array(labels, dtype=object), n_pos),
+        )
+        return PartsBatch(positions, vectors, valid, meta, "resid")
+
+    @staticmethod
+    def _post_norm(model: Any, cap: Capture, lyr: int) -> tuple | None:
+        cfg = model.cfg
+        block = model.blocks[lyr]
+        if cfg.use_normalization_before_and_after:
+            module, name = block.ln1_post, "ln1_post.hook_scale"
+        elif cfg.original_architecture in POST_NORM_ARCHITECTURES:
+            module, name = block.ln1, "ln1.hook_scale"
+        else:
+            return None
+        dt = compute_dtype(model)
+        kind = norm_kind(module)
+        scale = cap.layer_act(lyr, name).to(dt).reshape(cap.n_tokens, -1)[:, 0]
+        w = module.w.detach().to(dt) if hasattr(module, "w") else None
+        b = module.b.detach().to(dt) if hasattr(module, "b") else None
+        return kind, scale, w, b

@@ -1,0 +1,196 @@
+"""The one forward pass per prompt, and the frozen quantities every explanation reads from it.
+
+A :class:`Capture` is keyed by the prompt's tokens and by the version counters of the model's
+parameters, so a later call on the same prompt reuses it and an in-place weight edit
+(``fold_ln``, ``load_state_dict``, a manual ``W_Q.data[...] = ...``) invalidates it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# Per-layer hooks the explanations read. Names that a model lacks are simply absent.
+_LAYER_HOOKS = (
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln1_post.hook_scale",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.q_norm.hook_scale",
+    "attn.k_norm.hook_scale",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
+_MODEL_HOOKS = ("hook_embed", "hook_pos_embed")
+
+
+def prompt_to_tokens(model: Any, prompt: Any) -> Int[Tensor, "pos"]:
+    """Turn a string, a list of token ids or a tensor into one 1-D token tensor, validated."""
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise ValueError("prompt is an empty string; give at least one token of text")
+        if model.tokenizer is None:
+            raise ValueError(
+                "prompt is a string but the model has no tokenizer; pass token ids "
+                "(a list of ints or a LongTensor) instead"
+            )
+        tokens = model.to_tokens(prompt)[0]
+    elif isinstance(prompt, Tensor):
+        if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+            raise TypeError(f"prompt tensor must hold integer token ids, got dtype {prompt.dtype}")
+        tokens = prompt
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(
+                    f"prompt tensor has batch size {tokens.shape[0]}; qk_lens explains one prompt "
+                    "at a time: pass tokens of shape [pos] or [1, pos]"
+                )
+            tokens = tokens[0]
+        elif tokens.ndim != 1:
+            raise ValueError(
+                f"prompt tensor must have shape [pos] or [1, pos], got {tuple(prompt.shape)}"
+            )
+    elif isinstance(prompt, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError("prompt list must contain token ids (ints)")
+        tokens = torch.tensor(list(prompt), dtype=torch.long)
+    else:
+        raise TypeError(
+            f"prompt must be a str, a list of token ids or a LongTensor, got {type(prompt).__name__}"
+        )
+    tokens = tokens.detach().to("cpu", torch.long)
+    if tokens.numel() == 0:
+        raise ValueError("prompt has no tokens; give at least one token")
+    d_vocab = model.cfg.d_vocab
+    if tokens.min() < 0 or tokens.max() >= d_vocab:
+        raise ValueError(
+            f"token ids must lie in [0, {d_vocab}) for this model; got range "
+            f"[{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    if tokens.numel() > model.cfg.n_ctx:
+        raise ValueError(
+            f"prompt has {tokens.numel()} tokens; this model's n_ctx is {model.cfg.n_ctx}"
+        )
+    return tokens
+
+
+@dataclass
+class Capture:
+    """Everything frozen for one prompt: tokens and the cached hook activations (batch dim dropped)."""
+
+    tokens: Int[Tensor, "pos"]
+    acts: dict[str, Tensor]
+    str_tokens: list[str] | None
+    # Derived per-layer data (dictionary decompositions, upstream parts, attention maps), filled lazily.
+    derived: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self.acts[name]
+        except KeyError:
+            raise KeyError(f"hook {name!r} was not recorded by the capture") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.acts
+
+    def layer_act(self, layer: int, name: str) -> Tensor:
+        return self.get(f"blocks.{layer}.{name}")
+
+    def pattern(self, layer: int) -> Float[Tensor, "head q k"]:
+        return self.layer_act(layer, "attn.hook_pattern")
+
+    def scores(self, layer: int) -> Float[Tensor, "head q k"]:
+        return self.layer_act(layer, "attn.hook_attn_scores")
+
+
+def _wanted_hooks(model: Any) -> set[str]:
+    names = set(_MODEL_HOOKS)
+    for layer in range(model.cfg.n_layers):
+        names.update(f"blocks.{layer}.{h}" for h in _LAYER_HOOKS)
+    return names & set(model.hook_dict)
+
+
+def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:
+    """One forward pass with hooks recording what every explanation on this prompt needs."""
+    wanted = _wanted_hooks(model)
+    acts: dict[str, Tensor] = {}
+
+    def save(tensor: Tensor, hook: Any) -> None:
+        acts[hook.name] = tensor.detach()
+
+    device = model.cfg.device
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens[None].to(device),
+            fwd_hooks=[(lambda name: name in wanted, save)],
+            return_type=None,
+        )
+    # Drop the batch axis; q_norm/k_norm scales are flattened [batch*pos*head, 1] in TL.
+    squeezed = {}
+    for name, t in acts.items():
+        squeezed[name] = t[0] if t.shape[0] == 1 and not name.endswith("norm.hook_scale") else t
+    str_tokens = None
+    if model.tokenizer is not None:
+        str_tokens = [model.tokenizer.decode([t]) for t in tokens.tolist()]
+    return Capture(tokens=tokens, acts=squeezed, str_tokens=str_tokens)
+
+
+class CaptureCache:
+    """A small LRU of captures, keyed by tokens and the parameters' in-place version counters.
+
+    Walking ``model.parameters()`` costs milliseconds on TransformerLens models (hundreds of
+    HookPoint modules), so the parameter list is kept and re-read only when the model's
+    structure changes (e.g. ``fold_ln`` swapping LayerNorm for LayerNormPre). Assigning a new
+    ``nn.Parameter`` by hand is not seen: call ``model.clear_qk_cache()`` after doing that.
+    """
+
+    def __init__(self, max_size: int = 4) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[Any, Capture] = OrderedDict()
+        self._structure: tuple = ()
+        self._params: list[Tensor] = []
+
+    @staticmethod
+    def _structure_of(model: Any) -> tuple:
+        blocks = getattr(model, "blocks", [])
+        return (id(model), tuple(id(m) for b in blocks for m in b._modules.values()))
+
+    def _key(self, model: Any, tokens: Tensor) -> tuple:
+        structure = self._structure_of(model)
+        if structure != self._structure:
+            self._structure = structure
+            self._params = list(model.parameters())
+            self._items.clear()
+        versions = tuple(p._version for p in self._params)
+        return (tuple(tokens.tolist()), versions, model.cfg.dtype, str(model.cfg.device))
+
+    def get(self, model: Any, tokens: Tensor) -> Capture:
+        key = self._key(model, tokens)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        cap = run_capture(model, tokens)
+        self._items[key] = cap
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+        return cap
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._structure = ()
