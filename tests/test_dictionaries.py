@@ -5,24 +5,16 @@ import re
 import pytest
 import torch
 from sae_lens.saes import (
-    AbsTopKSAE,
-    AbsTopKSAEConfig,
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
-    GatedSAE,
-    GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
     JumpReLUSkipTranscoder,
     JumpReLUSkipTranscoderConfig,
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
     JumpReLUTranscoder,
     JumpReLUTranscoderConfig,
-    MatchingPursuitSAE,
-    MatchingPursuitSAEConfig,
     SkipTranscoder,
     SkipTranscoderConfig,
     StandardSAE,
@@ -31,8 +23,6 @@ from sae_lens.saes import (
     StandardTrainingSAEConfig,
     TemporalSAE,
     TemporalSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
     Transcoder,
@@ -42,6 +32,8 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from qk_lens.dictionaries import Decomposition, Dictionary
+from tests.saes import ARCHS, randomize_
+from tests.saes import make_sae as _make_sae
 
 torch.set_num_threads(2)
 
@@ -49,22 +41,6 @@ D_MODEL, D_SAE, N_TOK = 16, 40, 9
 HOOK = "blocks.1.hook_resid_pre"
 NORMS = ["none", "constant_norm_rescale", "layer_norm"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-# name -> (class, config class, extra config kwargs)
-ARCHS = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "gated": (GatedSAE, GatedSAEConfig, {}),
-    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, {"k": 6}),
-    "topk_rescale": (TopKSAE, TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
-    "abstopk": (AbsTopKSAE, AbsTopKSAEConfig, {"k": 6}),
-    "abstopk_rescale": (
-        AbsTopKSAE,
-        AbsTopKSAEConfig,
-        {"k": 6, "rescale_acts_by_decoder_norm": True},
-    ),
-    "matching_pursuit": (MatchingPursuitSAE, MatchingPursuitSAEConfig, {}),
-}
 
 
 def tiny_model(**overrides) -> HookedTransformer:
@@ -87,31 +63,6 @@ def model() -> HookedTransformer:
     return tiny_model()
 
 
-def randomize_(sae, seed: int = 0) -> None:
-    """Give every parameter a generic value: non-unit decoder rows, nonzero biases, thresholds > 0."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    with torch.no_grad():
-        w_dec = rand(sae.cfg.d_sae, sae.cfg.d_in)
-        # matching pursuit overshoots (its residual grows) once a row norm exceeds sqrt(2)
-        top = 1.2 if sae.cfg.architecture() == "matching_pursuit" else 2.3
-        norms = 0.3 + (top - 0.3) * torch.rand(sae.cfg.d_sae, 1, generator=g, dtype=torch.float64)
-        sae.W_dec.copy_(w_dec / w_dec.norm(dim=-1, keepdim=True) * norms)
-        if isinstance(sae.W_enc, torch.nn.Parameter):  # matching pursuit ties W_enc to W_dec.T
-            sae.W_enc.copy_(rand(sae.cfg.d_in, sae.cfg.d_sae) / sae.cfg.d_in**0.5)
-        sae.b_dec.copy_(0.5 * rand(sae.cfg.d_in))
-        for name in ("b_enc", "b_gate", "b_mag"):
-            if isinstance(getattr(sae, name, None), torch.nn.Parameter):
-                getattr(sae, name).copy_(0.3 * rand(sae.cfg.d_sae))
-        if isinstance(getattr(sae, "r_mag", None), torch.nn.Parameter):
-            sae.r_mag.copy_(0.3 * rand(sae.cfg.d_sae))
-        if isinstance(getattr(sae, "threshold", None), torch.nn.Parameter):
-            sae.threshold.copy_(0.05 + 0.4 * torch.rand(sae.cfg.d_sae, generator=g))
-
-
 def make_sae(
     arch: str = "standard",
     dtype: str = "float64",
@@ -121,19 +72,7 @@ def make_sae(
     seed: int = 0,
     **metadata,
 ):
-    cls, cfg_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(
-        d_in=D_MODEL,
-        d_sae=D_SAE,
-        dtype=dtype,
-        normalize_activations=norm,
-        apply_b_dec_to_input=apply_b_dec,
-        metadata=SAEMetadata(hook_name=hook, **metadata),
-        **extra,
-    )
-    sae = cls(cfg)
-    randomize_(sae, seed)
-    return sae
+    return _make_sae(arch, dtype, norm, apply_b_dec, hook, seed, D_MODEL, D_SAE, **metadata)
 
 
 def make_x(dtype: torch.dtype, seed: int = 1, n_tok: int = N_TOK) -> torch.Tensor:

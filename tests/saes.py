@@ -1,0 +1,88 @@
+"""Shared SAE factory for the tests: every per-token SAELens architecture, randomized."""
+
+import torch
+from sae_lens.saes import (
+    AbsTopKSAE,
+    AbsTopKSAEConfig,
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    MatchingPursuitSAE,
+    MatchingPursuitSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+from sae_lens.saes.sae import SAEMetadata
+
+NORMS = ["none", "constant_norm_rescale", "layer_norm"]
+
+# name -> (class, config class, extra config kwargs)
+ARCHS = {
+    "standard": (StandardSAE, StandardSAEConfig, {}),
+    "gated": (GatedSAE, GatedSAEConfig, {}),
+    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
+    "topk": (TopKSAE, TopKSAEConfig, {"k": 6}),
+    "topk_rescale": (TopKSAE, TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
+    "abstopk": (AbsTopKSAE, AbsTopKSAEConfig, {"k": 6}),
+    "abstopk_rescale": (
+        AbsTopKSAE,
+        AbsTopKSAEConfig,
+        {"k": 6, "rescale_acts_by_decoder_norm": True},
+    ),
+    "matching_pursuit": (MatchingPursuitSAE, MatchingPursuitSAEConfig, {}),
+}
+
+
+def randomize_(sae, seed: int = 0) -> None:
+    """Give every parameter a generic value: non-unit decoder rows, nonzero biases, thresholds > 0."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    with torch.no_grad():
+        w_dec = rand(sae.cfg.d_sae, sae.cfg.d_in)
+        # matching pursuit overshoots (its residual grows) once a row norm exceeds sqrt(2)
+        top = 1.2 if sae.cfg.architecture() == "matching_pursuit" else 2.3
+        norms = 0.3 + (top - 0.3) * torch.rand(sae.cfg.d_sae, 1, generator=g, dtype=torch.float64)
+        sae.W_dec.copy_(w_dec / w_dec.norm(dim=-1, keepdim=True) * norms)
+        if isinstance(sae.W_enc, torch.nn.Parameter):  # matching pursuit ties W_enc to W_dec.T
+            sae.W_enc.copy_(rand(sae.cfg.d_in, sae.cfg.d_sae) / sae.cfg.d_in**0.5)
+        sae.b_dec.copy_(0.5 * rand(sae.cfg.d_in))
+        for name in ("b_enc", "b_gate", "b_mag"):
+            if isinstance(getattr(sae, name, None), torch.nn.Parameter):
+                getattr(sae, name).copy_(0.3 * rand(sae.cfg.d_sae))
+        if isinstance(getattr(sae, "r_mag", None), torch.nn.Parameter):
+            sae.r_mag.copy_(0.3 * rand(sae.cfg.d_sae))
+        if isinstance(getattr(sae, "threshold", None), torch.nn.Parameter):
+            sae.threshold.copy_(0.05 + 0.4 * torch.rand(sae.cfg.d_sae, generator=g))
+
+
+def make_sae(
+    arch: str = "standard",
+    dtype: str = "float64",
+    norm: str = "none",
+    apply_b_dec: bool = True,
+    hook: str = "blocks.1.hook_resid_pre",
+    seed: int = 0,
+    d_in: int = 16,
+    d_sae: int = 40,
+    **metadata,
+):
+    """A randomized SAE of architecture ``arch`` (a key of ARCHS) on ``hook``."""
+    cls, cfg_cls, extra = ARCHS[arch]
+    cfg = cfg_cls(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=dtype,
+        normalize_activations=norm,
+        apply_b_dec_to_input=apply_b_dec,
+        metadata=SAEMetadata(hook_name=hook, **metadata),
+        **extra,
+    )
+    sae = cls(cfg)
+    randomize_(sae, seed)
+    return sae

@@ -1,0 +1,238 @@
+"""QK attributions against the model's own hooks and an independent reference, on every variant.
+
+The reference (tests/archs.py::reference_scores) recomputes each score by hand from
+``hook_resid_pre`` and the weights; the checks below never compare qk_lens with itself only.
+"""
+
+import math
+
+import pytest
+import torch
+
+import qk_lens
+from tests.archs import (
+    ARCH_NAMES,
+    SOFTCAP_NAMES,
+    expected_attn_scale,
+    make_model,
+    make_tokens,
+    reference_qk,
+    reference_scores,
+)
+from tests.saes import make_sae
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+N_TOK = 20
+
+
+def layer_under_test(model) -> int:
+    return model.cfg.n_layers - 1  # the last layer sees every upstream component
+
+
+_MODELS: dict = {}
+
+
+def attached(name: str, dtype: torch.dtype):
+    """One model per (variant, dtype) for the module, with a randomized SAE on the tested layer."""
+    key = (name, dtype)
+    if key not in _MODELS:
+        model = qk_lens.attach(make_model(name, dtype))
+        layer = layer_under_test(model)
+        sae = make_sae(
+            "topk",
+            dtype="float64" if dtype == torch.float64 else "float32",
+            hook=f"blocks.{layer}.hook_resid_pre",
+            d_in=model.cfg.d_model,
+            d_sae=4 * model.cfg.d_model,
+            seed=3,
+        )
+        model.add_dictionary(sae)
+        tokens = make_tokens(model, N_TOK)[0]
+        _, cache = model.run_with_cache(tokens[None])
+        raw, final = reference_scores(model, cache, layer)
+        _MODELS[key] = (model, tokens, cache, raw, final)
+    return _MODELS[key]
+
+
+def pair_scales(model, cache, layer) -> torch.Tensor:
+    """‖q‖·‖k‖/attn_scale per (head, q, k) from the reference: float32 rounding scales with it."""
+    parts = reference_qk(model, cache, layer)
+    qn, kn = parts["q_rot"].norm(dim=-1), parts["k_rot"].norm(dim=-1)  # [head, pos]
+    return qn[:, :, None] * kn[:, None, :] / expected_attn_scale(model, layer)
+
+
+def heads_under_test(model) -> list[int]:
+    """Every head of the small models; for real-shaped ones, heads spanning several kv groups."""
+    H = model.cfg.n_heads
+    if H <= 8:
+        return list(range(H))
+    rep = H // (model.cfg.n_key_value_heads or H)
+    return sorted({0, 1, rep, H // 2 + 1, H - 1})
+
+
+def tol(dtype, scale):
+    return 1e-9 if dtype == torch.float64 else 1e-4 * float(scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("name", ARCH_NAMES)
+@pytest.mark.parametrize("basis", ["dictionary", "upstream", "mixed"])
+def test_terms_sum_to_reference_score_every_pair(name, dtype, basis):
+    """Σ terms = the hand-computed raw score for every head and every unmasked (q, k)."""
+    model, tokens, cache, raw, final = attached(name, dtype)
+    layer = layer_under_test(model)
+    kwargs = {"basis": basis}
+    if basis == "mixed":
+        kwargs = {"query_basis": "dictionary", "key_basis": "upstream"}
+    scales = pair_scales(model, cache, layer)
+    if model.cfg.positional_embedding_type == "alibi":
+        # ALiBi is one labelled part of the attribution; the reference's raw score excludes it.
+        alibi = torch.where(final.isfinite(), final - raw, 0.0)
+        raw, scales = raw + alibi, scales + alibi.abs()
+    for head in heads_under_test(model):
+        for q in range(N_TOK):
+            row = model.qk_attribution(tokens, layer, head, q, None, **kwargs)
+            unmasked = torch.isfinite(final[head, q])
+            assert row.k_positions == torch.nonzero(unmasked)[:, 0].tolist()
+            for a in row:
+                ref = float(raw[head, q, a.k_pos])
+                t = tol(dtype, scales[head, q, a.k_pos])
+                err = abs(float(a.terms.to(torch.float64).sum()) - ref)
+                assert err <= t, (head, q, a.k_pos, err, t)
+                assert abs(a.model_score - float(final[head, q, a.k_pos])) <= t
+                a.check()
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_bases_sum_to_the_residual(name):
+    """A basis is valid only if its parts sum to the residual entering the layer (hook)."""
+    from qk_lens.bases import DictionaryBasis, UpstreamBasis
+
+    model, tokens, cache, _, _ = attached(name, torch.float64)
+    layer = layer_under_test(model)
+    cap = model.qk_capture(tokens)
+    resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
+    positions = torch.arange(N_TOK)
+    for basis in (UpstreamBasis(), DictionaryBasis(model.qk_dictionaries[layer])):
+        pb = basis.parts(model, cap, layer, positions)
+        total = (pb.vectors * pb.valid[..., None]).sum(1)
+        assert torch.allclose(total, resid, atol=1e-10, rtol=0), type(basis).__name__
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "qwen3"])
+def test_upstream_head_parts_match_the_heads_own_output(name):
+    """Each upstream 'head' part equals z·W_O for that head (post-normed for Gemma-2/3)."""
+    from qk_lens.bases import UpstreamBasis
+
+    model, tokens, cache, _, _ = attached(name, torch.float64)
+    layer = layer_under_test(model)
+    pb = UpstreamBasis().parts(model, model.qk_capture(tokens), layer, torch.arange(N_TOK))
+    kinds, layers, heads = pb.meta["kind"], pb.meta["layer"], pb.meta["head"]
+    slot = [
+        i for i in range(len(kinds)) if kinds[i] == "head" and layers[i] == 0 and heads[i] == 1
+    ][0]
+    z = cache["blocks.0.attn.hook_z"][0, :, 1]
+    out = z @ model.blocks[0].attn.W_O[1]
+    if model.cfg.use_normalization_before_and_after:
+        post = model.blocks[0].ln1_post
+        out = out / cache["blocks.0.ln1_post.hook_scale"][0] * post.w
+    assert torch.allclose(pb.vectors[:, slot], out, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", SOFTCAP_NAMES)
+def test_softcap_reported_and_rescaled(name):
+    model, tokens, cache, raw, final = attached(name, torch.float64)
+    layer = layer_under_test(model)
+    worst_gap = 0.0
+    for q in range(N_TOK):
+        for a in model.qk_attribution(tokens, layer, 0, q, None):
+            assert abs(a.score - float(raw[0, q, a.k_pos])) < 1e-9
+            assert abs(a.model_score - float(final[0, q, a.k_pos])) < 1e-9
+            assert abs(float(a.capped_terms().sum()) - a.model_score) < 1e-9
+            cap = model.cfg.attn_scores_soft_cap
+            assert abs(a.capped_score - cap * math.tanh(a.score / cap)) < 1e-12
+            worst_gap = max(worst_gap, abs(a.score - a.model_score))
+    # The softcap really bends these scores (cap 5 in the small model, 50 in the real shape).
+    assert worst_gap > (0.1 if name == "gemma2" else 1e-4)
+
+
+def test_alibi_is_its_own_labelled_part():
+    model, tokens, cache, raw, final = attached("alibi", torch.float64)
+    layer = layer_under_test(model)
+    a = model.qk_attribution(tokens, layer, 2, 15, 3)
+    q_alibi = a.query_parts.index[a.query_parts.kind == "alibi"]
+    k_alibi = a.key_parts.index[a.key_parts.kind == "alibi"]
+    assert len(q_alibi) == len(k_alibi) == 1
+    slope = 2 ** (-8 * 3 / model.cfg.n_heads)
+    assert abs(float(a.terms[q_alibi[0], k_alibi[0]]) - slope * (3 - 15)) < 1e-6
+    assert a.terms[q_alibi[0]].abs().sum() == a.terms[q_alibi[0], k_alibi[0]].abs()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2_folded", "llama", "qwen3"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_normalized_hook_dictionary(name, dtype):
+    """A dictionary on ln1.hook_normalized needs no LN step and still sums exactly."""
+    model = qk_lens.attach(make_model(name, dtype))
+    layer = 1
+    sae = make_sae(
+        "topk",
+        dtype="float64" if dtype == torch.float64 else "float32",
+        hook=f"blocks.{layer}.ln1.hook_normalized",
+        d_in=model.cfg.d_model,
+        d_sae=3 * model.cfg.d_model,
+    )
+    d = model.add_dictionary(sae)
+    assert d.layer == layer and d.space == "normalized"
+    tokens = make_tokens(model, N_TOK)[0]
+    _, cache = model.run_with_cache(tokens[None])
+    raw, _ = reference_scores(model, cache, layer)
+    scales = pair_scales(model, cache, layer)
+    for q in (0, 7, N_TOK - 1):
+        for a in model.qk_attribution(tokens, layer, 1, q, None):
+            assert abs(a.score - float(raw[1, q, a.k_pos])) <= tol(dtype, scales[1, q, a.k_pos])
+
+
+def test_resid_post_dictionary_serves_next_layer():
+    model = qk_lens.attach(make_model("gpt2"))
+    sae = make_sae("standard", hook="blocks.0.hook_resid_post", d_in=model.cfg.d_model, d_sae=80)
+    assert model.add_dictionary(sae).layer == 1
+    tokens = make_tokens(model, N_TOK)[0]
+    _, cache = model.run_with_cache(tokens[None])
+    raw, _ = reference_scores(model, cache, 1)
+    a = model.qk_attribution(tokens, 1, 0, -1, -3)
+    assert (a.q_pos, a.k_pos) == (N_TOK - 1, N_TOK - 3)
+    assert abs(a.score - float(raw[0, -1, -3])) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "arch", ["standard", "gated", "jumprelu", "topk", "topk_rescale", "abstopk", "matching_pursuit"]
+)
+@pytest.mark.parametrize("norm", ["none", "constant_norm_rescale", "layer_norm"])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_every_sae_architecture_and_norm_mode(arch, norm, apply_b_dec):
+    model = qk_lens.attach(make_model("llama"))
+    layer = 1
+    sae = make_sae(
+        arch, norm=norm, apply_b_dec=apply_b_dec, hook=f"blocks.{layer}.hook_resid_pre",
+        d_in=model.cfg.d_model, d_sae=96,
+    )  # fmt: skip
+    model.add_dictionary(sae)
+    tokens = make_tokens(model, 12)[0]
+    _, cache = model.run_with_cache(tokens[None])
+    raw, _ = reference_scores(model, cache, layer)
+    a = model.qk_attribution(tokens, layer, 3, 11, 4)
+    assert abs(a.score - float(raw[3, 11, 4])) < 1e-9
+    # Feature parts are the SAE's own active features with its own activations.
+    resid = cache[f"blocks.{layer}.hook_resid_pre"][0, [11]].to(sae.W_dec.dtype)
+    acts = sae.encode(resid)[0]
+    q_feats = a.query_parts[a.query_parts.kind == "feature"]
+    assert sorted(q_feats.feature) == torch.nonzero(acts)[:, 0].tolist()
+    for f, act in zip(q_feats.feature, q_feats.activation, strict=True):
+        assert abs(act - float(acts[f])) < 1e-9
+
+
+def test_negative_positions_and_token_list_prompt():
+    model, tokens, _, raw, _ = attached("gpt2", torch.float64)
+    a = model.qk_attribution(tokens.tolist(), 1, 2, -1, -N_TOK)
+    assert (a.q_pos, a.k_pos) == (N_TOK - 1, 0)
+    assert abs(a.score - float(raw[2, -1, 0])) < 1e-9

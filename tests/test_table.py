@@ -1,0 +1,82 @@
+"""qk_attribution_table against the model's scores and against the explicit term matrices."""
+
+import numpy as np
+import pytest
+import torch
+
+import qk_lens
+from tests.archs import make_model, make_tokens, reference_scores
+from tests.saes import make_sae
+
+N_TOK = 14
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "alibi"])
+def setup(request):
+    name = request.param
+    model = qk_lens.attach(make_model(name))
+    layer = model.cfg.n_layers - 1
+    sae = make_sae("topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=model.cfg.d_model, d_sae=150)
+    model.add_dictionary(sae)
+    tokens = make_tokens(model, N_TOK)[0]
+    _, cache = model.run_with_cache(tokens[None])
+    raw, final = (t.detach() for t in reference_scores(model, cache, layer))
+    if model.cfg.positional_embedding_type == "alibi":
+        raw = torch.where(final.isfinite(), final, raw)  # ALiBi is part of the attributed score
+    return model, tokens, layer, raw, final
+
+
+def test_every_unmasked_pair_scores_and_sums(setup):
+    model, tokens, layer, raw, final = setup
+    table = model.qk_attribution_table(tokens, layer, top_k=5)
+    pairs = table.groupby(["head", "q_pos", "k_pos"])
+    expected = {
+        (h, q, k)
+        for h in range(model.cfg.n_heads)
+        for q in range(N_TOK)
+        for k in range(N_TOK)
+        if torch.isfinite(final[h, q, k])
+    }
+    assert set(pairs.groups) == expected
+    agg = pairs.agg(total=("term", "sum"), score=("score", "first"), ms=("model_score", "first"))
+    h, q, k = (np.array(x) for x in zip(*agg.index, strict=True))
+    assert np.allclose(agg.score.to_numpy(), raw[h, q, k].numpy(), atol=1e-9, rtol=0)
+    assert np.allclose(agg.ms.to_numpy(), final[h, q, k].numpy(), atol=1e-9, rtol=0)
+    assert np.allclose(agg.total.to_numpy(), agg.score.to_numpy(), atol=1e-9, rtol=0)
+
+
+def test_listed_terms_are_the_largest_of_the_explicit_matrix(setup):
+    model, tokens, layer, _, _ = setup
+    table = model.qk_attribution_table(tokens, layer, heads=[1, 2], top_k=6)
+    assert set(table["head"].unique()) == {1, 2}
+    for h, q, k in [(1, 13, 2), (2, 9, 9), (1, 5, 0)]:
+        if (h, q, k) not in set(zip(table["head"], table.q_pos, table.k_pos, strict=True)):
+            continue
+        rows = table[
+            (table["head"] == h) & (table.q_pos == q) & (table.k_pos == k) & (table["rank"] >= 0)
+        ]
+        a = model.qk_attribution(tokens, layer, h, q, k)
+        t = a.terms.reshape(-1)
+        best = t[t.abs().argsort(descending=True)[:6]]
+        assert np.allclose(rows.term.to_numpy(), best.numpy(), atol=1e-12)
+        assert list(rows.q_label) == list(a.top(6).q_label)
+        assert list(rows.k_label) == list(a.top(6).k_label)
+
+
+def test_min_prob_filters_pairs(setup):
+    model, tokens, layer, _, _ = setup
+    table = model.qk_attribution_table(tokens, layer, top_k=3, min_prob=0.3)
+    pattern = model.qk_capture(tokens).pattern(layer)
+    assert (table.prob >= 0.3).all()
+    n_expected = int(((pattern >= 0.3) & (pattern > 0)).sum())
+    assert table.groupby(["head", "q_pos", "k_pos"]).ngroups == n_expected
+
+
+def test_bad_table_arguments(setup):
+    model, tokens, layer, _, _ = setup
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        model.qk_attribution_table(tokens, layer, top_k=0)
+    with pytest.raises(ValueError, match=r"min_prob must lie in \[0, 1\]"):
+        model.qk_attribution_table(tokens, layer, min_prob=1.5)
+    with pytest.raises(ValueError, match="head=9 is out of range"):
+        model.qk_attribution_table(tokens, layer, heads=[9])
