@@ -180,7 +180,14 @@ class QKLensMixin:
         progress: bool = False,
     ):
         """Top-``top_k`` terms (by |value|) plus the exact remainder for every head and every
-        unmasked (q, k) pair with attention probability ≥ ``min_prob``, as one tidy DataFrame."""
+        unmasked (q, k) pair with attention probability ≥ ``min_prob``, as one tidy DataFrame.
+
+        Columns: layer, head, q_pos, k_pos, prob, score (raw, = Σ terms), model_score
+        (``hook_attn_scores``), rank (0.. for listed terms; −1 remainder, −2 ALiBi), q_kind,
+        q_feature, q_label, k_kind, k_part_pos, k_feature, k_label, term. Each pair's rows are
+        contiguous (listed terms by |term|, then its remainder) and sum exactly to its score;
+        pairs come in (q_pos, head, k_pos) order. ``df.attrs["flops"]`` holds the term FLOPs.
+        """
         from qk_lens.table import attribution_table
 
         layer, cap, qk, qb, kb = self._qk_setup(prompt, layer, query_basis, key_basis, basis)
