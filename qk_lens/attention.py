@@ -10,6 +10,7 @@ ALiBi, clip_qkv) are reported or refused, never hidden.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import einops
@@ -252,8 +253,6 @@ class LayerQK:
         return torch.cat([rotated, x_pass], dim=-1)
 
     def _logn_factor(self, positions: Int[Tensor, "n"]) -> Float[Tensor, "n"]:
-        import math
-
         cfg = self.model.cfg
         train = cfg.train_seq_length or cfg.n_ctx
         if self.cap.n_tokens <= train:

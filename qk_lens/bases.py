@@ -40,11 +40,6 @@ class PartsBatch:
     def n_slots(self) -> int:
         return self.vectors.shape[1]
 
-    def flat(self) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, "n"]]:
-        """The valid parts as one list with each part's position."""
-        pos = self.positions[:, None].expand_as(self.valid)
-        return self.vectors[self.valid], pos[self.valid]
-
 
 Meta = dict[str, np.ndarray]  # one array per column of PART_COLUMNS, one entry per part
 

@@ -31,7 +31,11 @@ def _check_index(name: str, value: Any, n: int, what: str) -> int:
 
 
 def _check_position(name: str, value: Any, n_tokens: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, torch.Tensor))
+        or (isinstance(value, torch.Tensor) and value.numel() != 1)
+    ):
         raise TypeError(f"{name} must be an int position, got {type(value).__name__}")
     value = int(value)
     if not -n_tokens <= value < n_tokens:

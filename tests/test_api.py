@@ -53,6 +53,7 @@ def gemma2():
         ),
         ({"head": 1.0}, TypeError, "head must be an int"),
         ({"q_pos": "3"}, TypeError, "q_pos must be an int"),
+        ({"q_pos": torch.tensor([3, 4])}, TypeError, "q_pos must be an int"),
         ({"k_pos": []}, ValueError, "k_pos is an empty list"),
         ({"basis": "pca"}, ValueError, r"must be one of \('dictionary', 'upstream'\)"),
     ],
