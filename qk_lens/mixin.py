@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -17,27 +18,24 @@ from qk_lens.dictionaries import Dictionary
 BASIS_NAMES = ("dictionary", "upstream")
 
 
+def _as_int(name: str, value: Any, what: str = "an int") -> int:
+    """Python, numpy and one-element integer torch values are all fine; nothing else is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return int(value)
+
+
 def _check_index(name: str, value: Any, n: int, what: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, torch.Tensor))
-        or (isinstance(value, torch.Tensor) and value.numel() != 1)
-    ):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
+    value = _as_int(name, value)
     if not 0 <= value < n:
         raise ValueError(f"{name}={value} is out of range: this model has {n} {what} (0..{n - 1})")
     return value
 
 
 def _check_position(name: str, value: Any, n_tokens: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, torch.Tensor))
-        or (isinstance(value, torch.Tensor) and value.numel() != 1)
-    ):
-        raise TypeError(f"{name} must be an int position, got {type(value).__name__}")
-    value = int(value)
+    value = _as_int(name, value, "an int position")
     if not -n_tokens <= value < n_tokens:
         raise ValueError(
             f"{name}={value} is past the prompt, which has {n_tokens} tokens: valid positions are "

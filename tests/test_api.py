@@ -273,3 +273,11 @@ def test_row_collection(gpt2):
     sub = model.qk_attribution(tokens, 1, 1, 6, [0, 6])
     assert sub.k_positions == [0, 6] and sub[6].score == row[6].score
     assert len(row.summary()) == 7 and len(row.top(4)) == 4
+
+
+def test_numpy_and_tensor_positions(gpt2):
+    model, tokens = gpt2
+    a = model.qk_attribution(tokens, np.int64(1), torch.tensor(2), np.int64(9), torch.tensor([4]))
+    b = model.qk_attribution(tokens, 1, 2, 9, 4)
+    assert (a.layer, a.head, a.q_pos, a.k_pos) == (1, 2, 9, 4)
+    assert torch.equal(a.terms, b.terms)
