@@ -12,6 +12,7 @@ import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from sae_lens import SAE
 from sae_lens.saes import TemporalSAE, Transcoder
 from sae_lens.util import extract_layer_from_tlens_hook_name
 from torch import Tensor
+
+from qk_lens.labels import LabelSet, load_labels
 
 __all__ = [
     "FOLD_REQUIRED_NORMALIZATIONS",
@@ -217,12 +220,14 @@ class Dictionary:
         sae: SAE,
         model: Any,
         layer: int | None = None,
-        labels: Mapping[int, str] | None = None,
+        labels: Mapping[int, str] | LabelSet | str | PathLike[str] | None = None,
     ) -> Dictionary:
         """Validate ``sae`` for the QK slot of ``model`` and infer the attention layer it serves.
 
         ``model`` is a TransformerLens model (only ``model.cfg`` is read). ``layer``, if given, must
-        agree with the layer inferred from ``sae.cfg.metadata.hook_name``.
+        agree with the layer inferred from ``sae.cfg.metadata.hook_name``. ``labels`` is anything
+        :func:`qk_lens.labels.load_labels` reads: a mapping feature id -> description, a LabelSet,
+        or a path to a JSON / LabelSet / Neuronpedia export file.
         """
         if not isinstance(sae, SAE):
             raise TypeError(f"expected a sae_lens.SAE, got {_class_name(sae)}")
@@ -280,14 +285,8 @@ class Dictionary:
         if sae.cfg.normalize_activations not in RUNTIME_NORMALIZATIONS:
             raise _normalization_error(sae, sae.cfg.normalize_activations)
 
-        if labels is None:
-            label_dict: dict[int, str] = {}
-        elif isinstance(labels, Mapping):
-            label_dict = {int(k): str(v) for k, v in labels.items()}
-        else:
-            raise TypeError(
-                f"labels must be a mapping feature id -> str, got {_class_name(labels)}"
-            )
+        # load_labels: TypeError for an unsupported type, ValueError for ids outside [0, d_sae).
+        label_dict = {} if labels is None else load_labels(labels, d_sae=sae.cfg.d_sae)
         return cls(sae=sae, layer=inferred, hook_name=hook_name, space=space, labels=label_dict)
 
     @property
@@ -305,6 +304,10 @@ class Dictionary:
 
     def label(self, feature_id: int) -> str:
         return self.labels.get(int(feature_id), "")
+
+    def set_labels(self, labels: Mapping[int, str] | LabelSet | str | PathLike[str] | None) -> None:
+        """Replace :attr:`labels` with anything :func:`qk_lens.labels.load_labels` reads."""
+        self.labels = {} if labels is None else load_labels(labels, d_sae=self.d_sae)
 
     def decoder(
         self, dtype: torch.dtype, device: torch.device | str
