@@ -1,0 +1,13 @@
+"""Self-contained HTML views of finished results (no network, no JS, no math).
+
+>>> from qk_lens.views import Report, pattern_heatmap, table, bar_list
+>>> report = Report("L3H5: why does q attend to k?")
+>>> report.verdict(True, "terms sum to the model's score")
+>>> report.add("Pattern", pattern_heatmap(pattern, str_tokens, highlight=[(9, 4)]))
+>>> report.add("Top terms", table(attr.top(10), signed_columns=["term"]))
+>>> report.save("reports/l3h5.html")
+"""
+
+from qk_lens.views.html import Report, bar_list, pattern_heatmap, table
+
+__all__ = ["Report", "bar_list", "pattern_heatmap", "table"]
