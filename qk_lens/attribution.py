@@ -159,6 +159,9 @@ class QKAttribution:
     q_token: str | None = None
     k_token: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # (weakref to the model, prompt) when made by model.qk_attribution: lets contrast() fetch
+    # other keys of the same row; not saved
+    source: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ the parts
     @cached_property
@@ -257,6 +260,33 @@ class QKAttribution:
         out = self.key_parts.copy()
         out["marginal"] = self.terms.sum(0).to(torch.float64).numpy()
         return out.reindex(out["marginal"].abs().sort_values(ascending=False).index)
+
+    def contrast(
+        self,
+        other: Any = None,
+        relative_to: str | None = None,
+        capped: bool = False,
+        model: Any = None,
+        prompt: Any = None,
+    ) -> Any:
+        """Why this key and not ``other`` (a key position or another QKAttribution of the same
+        query): an exact decomposition of s(q,k) − s(q,k′); ``relative_to="mean"`` against the
+        pattern-weighted mean over keys. See :func:`qk_lens.contrast.contrast_attribution`."""
+        from qk_lens.contrast import contrast_attribution
+
+        return contrast_attribution(self, other, relative_to, capped, model, prompt)
+
+    def components(self, rank: int | None = None) -> Any:
+        """SVD of the term matrix: a few query-side × key-side components that sum to the score."""
+        from qk_lens.contrast import components
+
+        return components(self, rank)
+
+    def group(self, query_by: Any = "label", key_by: Any = "label") -> Any:
+        """Terms summed per (query group, key group): by label, a part column, or your groups."""
+        from qk_lens.contrast import group_terms
+
+        return group_terms(self, query_by, key_by)
 
     def coverage(self) -> pd.DataFrame:
         """How much of the score each kind of interaction carries.
@@ -461,6 +491,22 @@ class QKAttributions:
         return out.reindex(out["term"].abs().sort_values(ascending=False).index[:k]).reset_index(
             drop=True
         )
+
+    def contrast(
+        self, k_pos: int, other: Any = None, relative_to: str | None = None, capped: bool = False
+    ) -> Any:
+        """Exact decomposition of s(k_pos) − s(other) (or − the pattern-weighted mean with
+        ``relative_to="mean"``); see :func:`qk_lens.contrast.contrast_row`."""
+        from qk_lens.contrast import contrast_row
+
+        return contrast_row(self, k_pos, other, relative_to, capped)
+
+    def inhibitors(self, k_pos: int | None = None, top: int = 10, level: str = "term") -> Any:
+        """The strongest negative terms at competing keys, ranked by what removing each would
+        cost ``k_pos``'s log-probability; see :func:`qk_lens.contrast.inhibitors`."""
+        from qk_lens.contrast import inhibitors
+
+        return inhibitors(self, k_pos, top, level)
 
     def __repr__(self) -> str:
         return f"QKAttributions(L{self.layer}H{self.head}, q={self.q_pos}, keys={self.k_positions})"
