@@ -10,22 +10,39 @@
 from qk_lens.attribution import CompletenessError, QKAttribution, QKAttributions
 from qk_lens.bases import DictionaryBasis, PartsBatch, UpstreamBasis
 from qk_lens.capture import Capture
+from qk_lens.contrast import Components, GroupedTerms, QKContrast, inhibitors
 from qk_lens.dictionaries import Decomposition, Dictionary
+from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_features, load_labels
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
+from qk_lens.patterns import pattern_scores
+from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
 
 __all__ = [
     "Capture",
     "CompletenessError",
+    "Components",
     "Decomposition",
     "Dictionary",
     "DictionaryBasis",
+    "FeatureLabel",
+    "GroupedTerms",
     "HookedQKTransformer",
+    "LabelSet",
     "PartsBatch",
     "QKAttribution",
     "QKAttributions",
+    "QKContrast",
     "QKLensMixin",
+    "QKSteering",
+    "QKSteeringSweep",
+    "ResidSteering",
     "UpstreamBasis",
     "attach",
+    "inhibitors",
+    "label_dictionary",
+    "label_features",
+    "load_labels",
+    "pattern_scores",
 ]
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any
 
 import torch
@@ -61,14 +62,14 @@ class QKLensMixin:
             self.__dict__["_qk_capture_cache"] = CaptureCache()
         return self.__dict__["_qk_capture_cache"]
 
-    def add_dictionary(
-        self, sae: Any, layer: int | None = None, labels: dict[int, str] | None = None
-    ) -> Dictionary:
+    def add_dictionary(self, sae: Any, layer: int | None = None, labels: Any = None) -> Dictionary:
         """Use a SAELens SAE as the residual basis of the attention layer its hook feeds.
 
         The layer is inferred from ``sae.cfg.metadata.hook_name``: ``blocks.L.hook_resid_pre``,
         ``blocks.{L-1}.hook_resid_post`` and ``blocks.L.ln1.hook_normalized`` all serve layer L.
-        ``labels`` maps feature ids to descriptions shown in every table.
+        ``labels`` gives the feature descriptions shown in every table: a dict feature id -> str,
+        a :class:`~qk_lens.labels.LabelSet`, or a path to a label file (a JSON object, a
+        ``LabelSet.save`` file, or a Neuronpedia explanations export).
         """
         d = Dictionary.from_sae(sae, self, layer=layer, labels=labels)
         self.qk_dictionaries[d.layer] = d
@@ -164,6 +165,9 @@ class QKLensMixin:
                     )
                 keys.append(kk)
         items = attribute(self, cap, qk, head, q, keys, qb, kb)
+        source = (weakref.ref(self), prompt)
+        for item in items:
+            item.source = source
         if single:
             return items[0]
         return QKAttributions(layer, head, q, items, cap.pattern(layer)[head, q].detach().clone())
@@ -208,6 +212,72 @@ class QKLensMixin:
             raise ValueError(f"min_prob must lie in [0, 1], got {min_prob!r}")
         return attribution_table(
             self, cap, qk, head_list, top_k, float(min_prob), qb, kb, chunk_size, progress
+        )
+
+    # ------------------------------------------------------------------ causal checks
+    def steer_qk(
+        self,
+        prompt: Any,
+        layer: int,
+        heads: Any,
+        side: str = "key",
+        features: Any = None,
+        positions: Any = None,
+        freeze_other_patterns: bool = False,
+        add: Any = None,
+        qk_norm: str = "frozen",
+        readout: int = -1,
+    ) -> Any:
+        """Scale dictionary features inside the chosen heads' queries or keys only (before
+        rotary; values and other heads untouched) and measure scores, patterns and predictions
+        before/after against the attribution's prediction. See :func:`qk_lens.steering.steer_qk`."""
+        from qk_lens.steering import steer_qk
+
+        return steer_qk(
+            self, prompt, layer, heads, side, features, positions, freeze_other_patterns, add,
+            qk_norm, readout,
+        )  # fmt: skip
+
+    def steer_qk_sweep(
+        self,
+        prompt: Any,
+        layer: int,
+        heads: Any,
+        features: Any,
+        scales: Any,
+        side: str = "key",
+        positions: Any = None,
+        freeze_other_patterns: bool = False,
+        qk_norm: str = "frozen",
+        readout: int = -1,
+        target: Any = None,
+        batch_size: int = 16,
+    ) -> Any:
+        """:meth:`steer_qk` over a range of scales in batched forwards; ``.frame()`` to plot."""
+        from qk_lens.steering import steer_qk_sweep
+
+        return steer_qk_sweep(
+            self, prompt, layer, heads, features, scales, side, positions, freeze_other_patterns,
+            qk_norm, readout, target, batch_size,
+        )  # fmt: skip
+
+    def steer_resid(
+        self,
+        prompt: Any,
+        layer: int,
+        features: Any,
+        positions: Any = None,
+        heads: Any = None,
+        add: Any = None,
+        freeze_other_patterns: bool = False,
+        readout: int = -1,
+    ) -> Any:
+        """Remove (or scale) features in the residual entering ``layer`` (all heads see it): the
+        score change predicted with norms frozen beside the one measured with live norms."""
+        from qk_lens.steering import steer_resid
+
+        return steer_resid(
+            self, prompt, layer, features, positions, heads, add, freeze_other_patterns, readout
         )
 
 

@@ -119,9 +119,11 @@ def test_contrast_attribution_needs_a_source():
     assert torch.allclose(c.terms, contrast(a, b).terms)
     m = contrast_attribution(a, relative_to="mean", model=model, prompt=tokens)
     assert m.other == "mean" and m.check() <= 1e-12
+    assert a.source is not None  # model.qk_attribution records where it came from
+    source, a.source = a.source, None
     with pytest.raises(ValueError, match="does not know its model and prompt"):
         contrast_attribution(a, 7)
-    a.source = (model, tokens)  # what model.qk_attribution sets once wired
+    a.source = source
     assert contrast_attribution(a, relative_to="mean").check() <= 1e-12
     with pytest.raises(ValueError, match="exactly one of"):
         contrast_attribution(a)

@@ -1,0 +1,162 @@
+"""Bundled tiny models with their dictionaries: the induction mechanism, offline, in a second.
+
+>>> from qk_lens import toy
+>>> model = toy.load("attn2-ln")          # an attached HookedQKTransformer with its SAEs added
+>>> model.to_str_tokens("fox owl cat fox owl cat")
+
+Models (``toy.NAMES``): ``attn2-ln`` (2-layer attention-only, LayerNorm, learned positions) and
+``attn2-rope`` (RMSNorm, rotary). Each ships its weights (safetensors), a word-level tokenizer,
+a TopK SAE on every layer's ``hook_resid_pre`` (SAELens format) and feature labels computed from
+probe data. Rebuild any of them with ``python -m qk_lens.toy.train --model NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qk_lens.labels import LabelSet
+from qk_lens.toy.recipes import DEFAULT_MODEL, RECIPES
+
+MODELS_DIR = Path(__file__).parent / "models"
+NAMES = tuple(RECIPES)
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SAE_DIR = "saes"
+LABELS_FILE = "labels.json"
+
+
+@dataclass
+class ToyInfo:
+    """What was loaded: the model's directory, its config (with training metrics), its labels."""
+
+    name: str
+    directory: Path
+    config: dict[str, Any]
+    label_sets: dict[int, LabelSet] = field(default_factory=dict)  # layer -> labels
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.config.get("metrics", {})
+
+
+def _retrain_hint(name: str) -> str:
+    return f"rebuild it with `python -m qk_lens.toy.train --model {name}`"
+
+
+def model_dir(name: str | Path = DEFAULT_MODEL) -> Path:
+    """The directory of a bundled model (by name) or of a model trained elsewhere (a path)."""
+    if isinstance(name, Path) or (isinstance(name, str) and ("/" in name or "\\" in name)):
+        return Path(name)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a model name or a directory path, got {type(name).__name__}")
+    if name not in RECIPES:
+        raise ValueError(f"unknown toy model {name!r}; bundled models: {', '.join(NAMES)}")
+    return MODELS_DIR / name
+
+
+def _read_json(path: Path, name: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {_retrain_hint(name)}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {_retrain_hint(name)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object; {_retrain_hint(name)}")
+    return data
+
+
+def load_model(
+    name: str | Path = DEFAULT_MODEL,
+    dictionaries: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Load a toy model as an attached ``HookedQKTransformer``; ``dictionaries`` adds its SAEs
+    (with labels). ``model.toy`` holds a :class:`ToyInfo`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformerConfig
+
+    from qk_lens.mixin import HookedQKTransformer
+    from qk_lens.toy.tokenizer import load_tokenizer
+
+    directory = model_dir(name)
+    label = directory.name
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"toy model directory {directory} is missing; {_retrain_hint(label)}"
+        )
+    config = _read_json(directory / CONFIG_FILE, label)
+    try:
+        cfg = HookedTransformerConfig(**config["hooked_transformer_config"], device=str(device))
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{directory / CONFIG_FILE} has no usable 'hooked_transformer_config' ({e!r}); "
+            f"{_retrain_hint(label)}"
+        ) from None
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"weight file {weights_path} is missing; {_retrain_hint(label)}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"weight file {weights_path} is corrupt or not safetensors ({e}); {_retrain_hint(label)}"
+        ) from None
+    try:
+        tokenizer = load_tokenizer(directory / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer in {directory / 'tokenizer'} failed to load ({e})") from None
+    model = HookedQKTransformer(cfg, tokenizer=tokenizer)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"weight file {weights_path} does not match the model in {CONFIG_FILE}: "
+            f"{str(e).splitlines()[0]} …; {_retrain_hint(label)}"
+        ) from None
+    if dtype != cfg.dtype:
+        model.to(dtype)
+    model.eval()
+    info = ToyInfo(name=config.get("name", label), directory=directory, config=config)
+    if dictionaries:
+        _add_dictionaries(model, directory, info, dtype)
+    model.toy = info
+    return model
+
+
+def _add_dictionaries(model: Any, directory: Path, info: ToyInfo, dtype: torch.dtype) -> None:
+    from sae_lens import SAE
+
+    sae_root = directory / SAE_DIR
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    for hook in hooks:
+        path = sae_root / hook
+        if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the SAE for {hook} is missing (expected cfg.json and sae_weights.safetensors "
+                f"in {path}); {_retrain_hint(info.name)}, or load with dictionaries=False"
+            )
+        try:
+            sae = SAE.load_from_disk(str(path), device=str(model.cfg.device))
+        except Exception as e:  # SAELens raises many kinds here; all mean "this file is bad"
+            raise ValueError(f"the SAE in {path} failed to load ({e!r})") from None
+        sae.to(dtype=dtype)
+        labels = LabelSet.load(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
+        d = model.add_dictionary(sae, labels=labels.to_dict() if labels else None)
+        if labels is not None:
+            info.label_sets[d.layer] = labels
+
+
+def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> Any:
+    """``load_model``'s short name: ``toy.load("attn2-ln")``."""
+    return load_model(name, **kwargs)
+
+
+__all__ = ["DEFAULT_MODEL", "MODELS_DIR", "NAMES", "ToyInfo", "load", "load_model", "model_dir"]

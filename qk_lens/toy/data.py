@@ -1,0 +1,100 @@
+"""Token sequences for the bundled toy models: random words in which a segment repeats.
+
+Every sequence is ``<bos>``, a random prefix, a segment of random length, a random gap, the same
+segment again, then random filler up to the context length. The repeat's offset varies from
+sequence to sequence, so a model can only predict the second copy by induction (find the earlier
+occurrence of the current token, copy what followed it), not by a fixed positional shortcut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RepeatSpec:
+    """Ranges (inclusive) of the random lengths that make up one training sequence."""
+
+    n_ctx: int = 48
+    prefix: tuple[int, int] = (0, 7)
+    segment: tuple[int, int] = (4, 20)
+    gap: tuple[int, int] = (0, 6)
+    # distinct words inside a segment, so the token after an earlier occurrence is unambiguous
+    distinct: bool = True
+
+
+@dataclass
+class RepeatBatch:
+    """Sequences plus where their second copy is, for evaluation."""
+
+    tokens: Int[Tensor, "batch n_ctx"]
+    # True at positions whose token is predictable by induction (the 2nd copy, from its 2nd token)
+    repeated: Bool[Tensor, "batch n_ctx"]
+    # the source position the induction head should attend to from each position (-1 where none):
+    # for query position q in the second copy, the token after the earlier occurrence of tokens[q]
+    induction_target: Int[Tensor, "batch n_ctx"]
+    # the first position of the second copy and its offset from the first copy
+    repeat_start: Int[Tensor, " batch"]
+    offset: Int[Tensor, " batch"]
+
+
+def repeated_batch(
+    n: int,
+    word_ids: Int[Tensor, " n_words"],
+    bos_id: int,
+    generator: torch.Generator,
+    spec: RepeatSpec = RepeatSpec(),
+) -> RepeatBatch:
+    """``n`` sequences drawn by ``spec``; the second copy is cut where the context ends."""
+    words = torch.as_tensor(word_ids)
+    draws = torch.randint(0, len(words), (n, spec.n_ctx), generator=generator)
+    tokens = words[draws]
+    tokens[:, 0] = bos_id
+    repeated = torch.zeros(n, spec.n_ctx, dtype=torch.bool)
+    target = torch.full((n, spec.n_ctx), -1, dtype=torch.long)
+    starts = torch.zeros(n, dtype=torch.long)
+    offsets = torch.zeros(n, dtype=torch.long)
+
+    def draw(lo_hi: tuple[int, int]) -> int:
+        return int(torch.randint(lo_hi[0], lo_hi[1] + 1, (1,), generator=generator))
+
+    for b in range(n):
+        first = 1 + draw(spec.prefix)
+        length = draw(spec.segment)
+        if spec.distinct:
+            seg = torch.randperm(len(words), generator=generator)[: min(length, len(words))]
+            length = len(seg)
+            tokens[b, first : first + length] = words[seg]
+        second = first + length + draw(spec.gap)
+        end = min(second + length, spec.n_ctx)
+        tokens[b, second:end] = tokens[b, first : first + end - second].clone()
+        # from the 2nd token of the copy on, the next token is known; the copy's 1st token is not
+        repeated[b, second + 1 : end] = True
+        q = torch.arange(second, end - 1)
+        target[b, q] = q - (second - first) + 1
+        starts[b], offsets[b] = second, second - first
+    return RepeatBatch(tokens, repeated, target, starts, offsets)
+
+
+def repeated_prompt(
+    word_ids: Int[Tensor, " n_words"],
+    bos_id: int,
+    generator: torch.Generator,
+    length: int,
+    gap: int = 0,
+    prefix: int = 0,
+) -> Int[Tensor, " seq"]:
+    """One probe prompt: ``<bos>``, ``prefix`` random words, a random segment of ``length``
+    distinct words, ``gap`` random words, the segment again."""
+    words = torch.as_tensor(word_ids)
+    if length > len(words):
+        raise ValueError(f"length={length} exceeds the {len(words)} words available")
+    segment = words[torch.randperm(len(words), generator=generator)[:length]]
+    filler = words[torch.randint(0, len(words), (prefix + gap,), generator=generator)]
+    return torch.cat(
+        [torch.tensor([bos_id]), filler[:prefix], segment, filler[prefix:], segment]
+    ).long()

@@ -1,0 +1,306 @@
+"""Train a bundled toy model and its dictionaries from nothing: ``python -m qk_lens.toy.train``.
+
+Stages (each reproducible from the recipe's fixed seeds):
+1. the model, on repeated-segment sequences (see ``qk_lens.toy.data``), evaluated on held-out
+   sequences: induction and previous-token attention per head, loss on repeated vs fresh tokens;
+2. a TopK SAE with SAELens on ``blocks.L.hook_resid_pre`` of every layer;
+3. feature labels from probe data (``qk_lens.labels``).
+Everything is written to the model's directory (safetensors + JSON; SAEs in SAELens's format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sae_lens import SAE
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from qk_lens.labels import LabelSet
+from qk_lens.toy.data import RepeatSpec, repeated_batch
+from qk_lens.toy.recipes import RECIPES, Recipe
+from qk_lens.toy.tokenizer import BOS, SPECIALS, WORDS, build_tokenizer
+
+MODELS_DIR = Path(__file__).parent / "models"
+# held-out data never shares a seed with training data
+EVAL_SEED = 12345
+WORD_IDS = torch.arange(len(SPECIALS), len(SPECIALS) + len(WORDS))
+BOS_ID = SPECIALS.index(BOS)
+
+
+def new_model(recipe: Recipe) -> HookedTransformer:
+    torch.manual_seed(recipe.seed)
+    return HookedTransformer(HookedTransformerConfig(**recipe.hooked_config()))
+
+
+def _lr_factor(recipe: Recipe, step: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to ``final_lr_fraction``."""
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    t = (step - recipe.warmup_steps) / max(1, steps - recipe.warmup_steps)
+    lo = recipe.final_lr_fraction
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_model(
+    recipe: Recipe, steps: int | None = None, progress: bool = True
+) -> tuple[HookedTransformer, list[float]]:
+    """Next-token training on repeated-segment sequences; returns the model and its loss curve.
+
+    Runs on one CPU thread: multi-threaded backward passes sum in a varying order, and the
+    recipe promises the same weights on every run (the model is too small to gain from more).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_model(recipe, steps, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_model(
+    recipe: Recipe, steps: int | None, progress: bool
+) -> tuple[HookedTransformer, list[float]]:
+    model = new_model(recipe)
+    steps = recipe.steps if steps is None else steps
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    spec = RepeatSpec(n_ctx=recipe.n_ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s, steps))
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc=f"training {recipe.name}", disable=not progress):
+        tokens = repeated_batch(recipe.batch_size, WORD_IDS, BOS_ID, gen, spec).tokens
+        loss = model(tokens, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return model, losses
+
+
+@torch.no_grad()
+def evaluate_model(model: HookedTransformer, n: int = 512, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Held-out figures: per-head previous-token and induction attention, loss by token kind."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = repeated_batch(n, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=model.cfg.n_ctx))
+    logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda h: "pattern" in h)
+    nll = -F.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    repeated = batch.repeated[:, 1:]
+    fresh = ~repeated  # every other predicted token is uniformly random
+    pos = torch.arange(model.cfg.n_ctx)
+    has_target = batch.induction_target >= 0
+    prev_token, induction = [], []
+    for layer in range(model.cfg.n_layers):
+        pattern = cache["pattern", layer]  # [batch, head, q, k]
+        prev = pattern[:, :, pos[1:], pos[:-1]].mean((0, 2))
+        b, q = has_target.nonzero(as_tuple=True)
+        ind = pattern[b, :, q, batch.induction_target[b, q]].mean(0)
+        prev_token.append([round(float(v), 4) for v in prev])
+        induction.append([round(float(v), 4) for v in ind])
+    return {
+        "n_sequences": n,
+        "loss_repeated": round(float(nll[repeated].mean()), 4),
+        "loss_fresh": round(float(nll[fresh].mean()), 4),
+        "log_vocab_words": round(math.log(len(WORDS)), 4),
+        "previous_token_attention": prev_token,
+        "induction_attention": induction,
+    }
+
+
+def save_model(
+    model: HookedTransformer, recipe: Recipe, directory: Path, extra: dict[str, Any]
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    build_tokenizer(directory / "tokenizer")
+    config = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "hooked_transformer_config": recipe.hooked_config(),
+        "recipe": recipe.to_dict(),
+        **extra,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def activation_batches(
+    model: HookedTransformer, hook: str, batch_tokens: int, seed: int, n_ctx: int
+) -> Iterator[Tensor]:
+    """Endless shuffled batches of ``hook`` activations on fresh repeated-segment sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    n_seq = 4 * math.ceil(batch_tokens / n_ctx)
+    while True:
+        tokens = repeated_batch(n_seq, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=n_ctx)).tokens
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=hook)
+        acts = cache[hook].reshape(-1, model.cfg.d_model).float()
+        acts = acts[torch.randperm(len(acts), generator=gen)]
+        for start in range(0, len(acts) - batch_tokens + 1, batch_tokens):
+            yield acts[start : start + batch_tokens]
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, batches: Iterator[Tensor], n_batches: int = 8) -> dict[str, Any]:
+    """Held-out reconstruction: variance explained, L0, features never active."""
+    x = torch.cat([next(batches) for _ in range(n_batches)])
+    acts = sae.encode(x)
+    recon = sae.decode(acts)
+    resid_var = (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return {
+        "variance_explained": round(float(1 - resid_var), 4),
+        "l0": round(float((acts > 0).sum(-1).float().mean()), 3),
+        "dead_features": int(((acts > 0).sum(0) == 0).sum()),
+        "n_tokens": len(x),
+    }
+
+
+def train_saes(
+    model: HookedTransformer,
+    recipe: Recipe,
+    directory: Path,
+    steps: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A TopK SAE with SAELens on every layer's ``hook_resid_pre``, saved in SAELens's format
+    under ``directory/saes/<hook>/``; returns held-out figures per hook."""
+    from sae_lens import SAE, SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    r = recipe.sae
+    steps = r.steps if steps is None else steps
+    figures = {}
+    for layer in range(model.cfg.n_layers):
+        hook = f"blocks.{layer}.hook_resid_pre"
+        torch.manual_seed(r.seed + layer)
+        cfg = TopKTrainingSAEConfig(
+            d_in=model.cfg.d_model,
+            d_sae=r.d_sae,
+            k=r.k,
+            dtype="float32",
+            device="cpu",
+            metadata=SAEMetadata(hook_name=hook, model_name=recipe.name),
+        )
+        sae = TopKTrainingSAE(cfg)
+        batches = activation_batches(
+            model, hook, r.batch_tokens, r.seed + 100 + layer, model.cfg.n_ctx
+        )
+        trainer = SAETrainer(
+            cfg=SAETrainerConfig(
+                total_training_samples=steps * r.batch_tokens,
+                train_batch_size_samples=r.batch_tokens,
+                lr=r.lr,
+                lr_end=r.lr,
+                lr_decay_steps=steps // 5,
+                dead_feature_window=500,
+                feature_sampling_window=1000,
+            ),
+            sae=sae,
+            data_provider=batches,
+        )
+        trained = trainer.fit()
+        path = directory / "saes" / hook
+        trained.save_inference_model(path)
+        inference = SAE.load_from_disk(str(path))
+        held_out = activation_batches(
+            model, hook, r.batch_tokens, EVAL_SEED + layer, model.cfg.n_ctx
+        )
+        figures[hook] = evaluate_sae(inference, held_out)
+    return figures
+
+
+def label_saes(model: Any, recipe: Recipe, n_sequences: int = 512) -> dict[str, LabelSet]:
+    """Labels for every dictionary of an attached model, from held-out probe sequences."""
+    from qk_lens.labels import label_dictionary
+
+    gen = torch.Generator().manual_seed(EVAL_SEED + 7)
+    tokens = repeated_batch(
+        n_sequences, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=recipe.n_ctx)
+    ).tokens
+    return {d.hook_name: label_dictionary(model, d, tokens) for d in model.qk_dictionaries.values()}
+
+
+def _update_config(directory: Path, **entries: Any) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(entries)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+STAGES = ("model", "saes", "labels")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qk_lens.toy.train", description=__doc__)
+    parser.add_argument("--model", choices=sorted(RECIPES), default="attn2-ln")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES)
+    )
+    parser.add_argument("--steps", type=int, default=None, help="model training steps")
+    parser.add_argument("--sae-steps", type=int, default=None, help="SAE training steps")
+    parser.add_argument("--probe-sequences", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=None, help="default: the package's models/")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = RECIPES[args.model]
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    out = (args.out or MODELS_DIR) / recipe.name
+    if "model" in stages:
+        t0 = time.perf_counter()
+        model, losses = train_model(recipe, steps=args.steps)
+        seconds = time.perf_counter() - t0
+        metrics = evaluate_model(model)
+        training = {
+            "steps": len(losses),
+            "seconds": round(seconds, 1),
+            "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
+            "torch": torch.__version__,
+        }
+        save_model(model, recipe, out, {"training": training, "metrics": metrics})
+        print(json.dumps({"training": training, "metrics": metrics}))
+    if "saes" in stages:
+        from qk_lens.toy import load_model
+
+        model = load_model(out, dictionaries=False)
+        figures = train_saes(model, recipe, out, steps=args.sae_steps)
+        _update_config(out, saes=figures)
+        print(json.dumps({"saes": figures}))
+    if "labels" in stages:
+        from qk_lens.toy import LABELS_FILE, load_model
+
+        model = load_model(out)
+        label_sets = label_saes(model, recipe, n_sequences=args.probe_sequences)
+        summary = {}
+        for hook, labels in label_sets.items():
+            labels.save(out / "saes" / hook / LABELS_FILE)
+            summary[hook] = labels.frame()["kind"].value_counts().to_dict()
+        _update_config(out, labels=summary)
+        print(json.dumps({"labels": summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
