@@ -27,6 +27,15 @@ def _demo(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         print("qk-lens demo: --prompt is empty", file=sys.stderr)
         return EXIT_ERROR
+    unknown = _unknown_words(model, prompt) if prompt is not None else []
+    if unknown:
+        vocab = " ".join(w for w in model.tokenizer.get_vocab() if not w.startswith("<"))
+        print(
+            f"qk-lens demo: --prompt has words outside the model's vocabulary: "
+            f"{', '.join(unknown)}; use these words: {vocab}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         story = run_story(model, prompt=prompt, q_pos=args.q_pos, top_k=args.top_k)
     except (ValueError, TypeError) as e:
@@ -41,6 +50,14 @@ def _demo(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         print(f"\nreport: {path.resolve()}")
     return EXIT_CONFIRMED if story.confirmed else EXIT_NOT_CONFIRMED
+
+
+def _unknown_words(model, prompt: str) -> list[str]:
+    """Words the tokenizer maps to its unknown token (they would all look like one token)."""
+    tok = model.tokenizer
+    if tok is None or tok.unk_token_id is None:
+        return []
+    return [w for w in prompt.split() if tok.convert_tokens_to_ids(w) == tok.unk_token_id]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,6 +71,12 @@ def test_demo_prompt_without_repeat_exits_nonzero(capsys):
     assert "no repeated token" in capsys.readouterr().err
 
 
+def test_demo_prompt_with_unknown_words_exits_nonzero(capsys):
+    assert main(["demo", "--prompt", "fox hello owl fox hello owl", "--no-report"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "hello" in err and "fox" in err  # names the bad word and lists the vocabulary
+
+
 def test_console_script_installed(tmp_path):
     """The `qk-lens` entry point resolves (the README's first command uses it)."""
     exe = shutil.which("qk-lens")
