@@ -3,6 +3,11 @@
 ``qk-lens demo``: the induction story on a bundled tiny model (no download), printed and written
 as a self-contained HTML report. Exit status: 0 confirmed, 1 ran but not confirmed, 2 something
 needed is missing or the input is invalid.
+
+``qk-lens table``: the batch run — ``qk_attribution_table`` of one layer for every prompt of a
+file (or ``--prompt``), written as one CSV / JSON Lines / Parquet table with a ``prompt`` column.
+Models: a bundled toy model or directory, or any TransformerLens name (downloaded) with SAELens
+SAEs (``--sae-release`` and ``--sae-id``). Exit status 0, or 2 on missing pieces / bad input.
 """
 
 from __future__ import annotations
@@ -50,6 +55,91 @@ def _demo(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         print(f"\nreport: {path.resolve()}")
     return EXIT_CONFIRMED if story.confirmed else EXIT_NOT_CONFIRMED
+
+
+def _load_for_table(args: argparse.Namespace):
+    from qk_lens import toy
+
+    is_toy = args.model in toy.NAMES or (Path(args.model) / "config.json").is_file()
+    if is_toy:
+        if args.sae_release or args.sae_id:
+            raise ValueError(
+                "--sae-release/--sae-id are for pretrained models; toy models ship SAEs"
+            )
+        return toy.load(args.model)
+    if not (args.sae_release and args.sae_id) and args.basis == "dictionary":
+        raise ValueError(
+            f"{args.model!r} is not a bundled model: give its SAEs with --sae-release and --sae-id "
+            "(e.g. --sae-release gpt2-small-res-jb --sae-id blocks.5.hook_resid_pre), or use "
+            "--basis upstream"
+        )
+    from sae_lens import SAE
+
+    from qk_lens.mixin import HookedQKTransformer
+
+    model = HookedQKTransformer.from_pretrained(args.model)
+    for sae_id in args.sae_id or []:
+        model.add_dictionary(
+            SAE.from_pretrained(args.sae_release, sae_id, device=str(model.cfg.device))
+        )
+    return model
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        prompts = list(args.prompt)
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        prompts = [line.rstrip("\n") for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError("no prompts: the file is empty (one prompt per line)")
+    return prompts
+
+
+TABLE_FORMATS = (".csv", ".jsonl", ".parquet")
+
+
+def _table(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    if out.suffix not in TABLE_FORMATS:
+        print(
+            f"qk-lens table: --out must end in one of {TABLE_FORMATS}, got {out.name!r}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    try:
+        prompts = _read_prompts(args)
+        model = _load_for_table(args)
+        heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
+        frames = []
+        for i, prompt in enumerate(tqdm(prompts, desc="prompts", disable=args.quiet)):
+            df = model.qk_attribution_table(
+                prompt, args.layer, heads=heads, top_k=args.top_k, min_prob=args.min_prob,
+                basis=args.basis,
+            )  # fmt: skip
+            df.insert(0, "prompt", i)
+            frames.append(df)
+            model.clear_qk_cache()  # one prompt at a time: keep memory flat over long files
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"qk-lens table: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    table = pd.concat(frames, ignore_index=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        table.to_csv(out, index=False)
+    elif out.suffix == ".jsonl":
+        table.to_json(out, orient="records", lines=True)
+    else:
+        table.to_parquet(out, index=False)
+    n_pairs = table.groupby(["prompt", "head", "q_pos", "k_pos"]).ngroups
+    print(f"{len(table)} rows ({n_pairs} (head, q, k) pairs over {len(prompts)} prompts) -> {out}")
+    return 0
 
 
 def _unknown_words(model, prompt: str) -> list[str]:
@@ -100,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-report", dest="out", action="store_const", const=None)
     demo.set_defaults(run=_demo)
+
+    table = sub.add_parser(
+        "table",
+        help="batch run: top QK terms of one layer for every prompt, as one table",
+        description="qk_attribution_table for each prompt; rows of a (prompt, head, q, k) pair "
+        "sum exactly to its score (the remainder row carries the unlisted terms).",
+    )
+    table.add_argument("--model", default=DEFAULT_MODEL, help="bundled model, its directory, "
+                       "or a TransformerLens model name (downloads)")  # fmt: skip
+    src = table.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file, one prompt per line")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    table.add_argument("--layer", type=int, required=True)
+    table.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
+    table.add_argument("--top-k", type=int, default=32)
+    table.add_argument("--min-prob", type=float, default=0.0)
+    table.add_argument("--basis", choices=("dictionary", "upstream"), default="dictionary")
+    table.add_argument("--sae-release", default=None, help="SAELens release (pretrained models)")
+    table.add_argument("--sae-id", action="append", default=None, help="SAE id (repeatable)")
+    table.add_argument("--out", default="qk_table.csv", help=f"output, one of {TABLE_FORMATS}")
+    table.add_argument("--quiet", action="store_true", help="no progress bar")
+    table.set_defaults(run=_table)
     return parser
 
 

@@ -84,3 +84,36 @@ def test_console_script_installed(tmp_path):
     res = subprocess.run([*cmd, "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--prompt" in res.stdout
     assert exe is not None, "qk-lens is not on PATH: is the package installed (pip install -e .)?"
+
+
+def test_table_batch_run(tmp_path, capsys):
+    import pandas as pd
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fox owl cat fox owl cat\n\neel jay hen eel jay hen\n")
+    out = tmp_path / "t.csv"
+    args = ["table", "--prompts", str(prompts), "--layer", "1", "--top-k", "4", "--quiet"]
+    assert main([*args, "--min-prob", "0.2", "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert sorted(df["prompt"].unique()) == [0, 1]  # the blank line is skipped
+    assert (df["prob"] >= 0.2).all()
+    # each pair's listed terms plus its remainder row sum to its score (an independent sum)
+    sums = df.groupby(["prompt", "head", "q_pos", "k_pos"]).agg(
+        t=("term", "sum"), s=("score", "first")
+    )
+    assert ((sums["t"] - sums["s"]).abs() <= 1e-4 * (1 + sums["s"].abs())).all()
+    jl = tmp_path / "t.jsonl"
+    assert main(["table", "--prompt", "fox owl fox owl", "--layer", "0", "--heads", "1", "--quiet",
+                 "--out", str(jl)]) == 0  # fmt: skip
+    assert set(pd.read_json(jl, lines=True)["head"]) == {1}
+
+
+def test_table_bad_input(tmp_path, capsys):
+    assert main(["table", "--prompts", str(tmp_path / "none.txt"), "--layer", "1"]) == EXIT_ERROR
+    assert "none.txt" in capsys.readouterr().err
+    assert main(["table", "--prompt", "fox", "--layer", "1", "--out", "x.xlsx"]) == EXIT_ERROR
+    assert ".csv" in capsys.readouterr().err
+    assert main(["table", "--prompt", "fox owl", "--layer", "5", "--quiet"]) == EXIT_ERROR
+    assert "layer=5" in capsys.readouterr().err
+    code = main(["table", "--model", "gpt2", "--prompt", "hi", "--layer", "1", "--quiet"])
+    assert code == EXIT_ERROR and "--sae-release" in capsys.readouterr().err
