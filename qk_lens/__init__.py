@@ -12,7 +12,10 @@ from qk_lens.bases import DictionaryBasis, PartsBatch, UpstreamBasis
 from qk_lens.capture import Capture
 from qk_lens.contrast import Components, GroupedTerms, QKContrast, inhibitors
 from qk_lens.dictionaries import Decomposition, Dictionary
+from qk_lens.export import save_neuronpedia, to_neuronpedia
+from qk_lens.graph import Graph, attribution_graph
 from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_features, load_labels
+from qk_lens.loadings import HeadLoadings, head_loadings
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
 from qk_lens.patterns import pattern_scores
 from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
@@ -25,7 +28,9 @@ __all__ = [
     "Dictionary",
     "DictionaryBasis",
     "FeatureLabel",
+    "Graph",
     "GroupedTerms",
+    "HeadLoadings",
     "HookedQKTransformer",
     "LabelSet",
     "PartsBatch",
@@ -38,11 +43,15 @@ __all__ = [
     "ResidSteering",
     "UpstreamBasis",
     "attach",
+    "attribution_graph",
+    "head_loadings",
     "inhibitors",
     "label_dictionary",
     "label_features",
     "load_labels",
     "pattern_scores",
+    "save_neuronpedia",
+    "to_neuronpedia",
 ]
 
 __version__ = "0.1.0"

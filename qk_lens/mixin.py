@@ -214,6 +214,21 @@ class QKLensMixin:
             self, cap, qk, head_list, top_k, float(min_prob), qb, kb, chunk_size, progress
         )
 
+    # ------------------------------------------------------------------ graphs
+    def attribution_graph(self, prompt: Any, targets: Any = None, **kwargs: Any) -> Any:
+        """Checkpointed attribution graph of ``prompt`` (residual dictionaries at every layer
+        1..n−1; see :func:`qk_lens.graph.attribution_graph` for the options)."""
+        from qk_lens.graph import attribution_graph
+
+        return attribution_graph(self, prompt, targets, **kwargs)
+
+    def head_loadings(self, graph: Any, through_mlp: bool = True, **kwargs: Any) -> Any:
+        """Per-edge residual / MLP-only / per-head split of ``graph``'s edges (exact); see
+        :func:`qk_lens.loadings.head_loadings`."""
+        from qk_lens.loadings import head_loadings
+
+        return head_loadings(self, graph, through_mlp=through_mlp, **kwargs)
+
     # ------------------------------------------------------------------ causal checks
     def steer_qk(
         self,

@@ -53,3 +53,13 @@ def test_model_steer_methods(setup):
     res = model.steer_resid(prompt, 1, [feat], positions=[k], heads=[0])
     res.check()
     assert torch.isfinite(torch.as_tensor(res.live_change)[0, q, k])  # masked pairs are NaN
+
+
+def test_model_graph_methods(setup):
+    model, prompt, q, k = setup
+    g = model.attribution_graph(prompt)
+    hl = model.head_loadings(g)
+    hl.check()
+    assert len(hl.residual) == len(g.edge_weight) > 0
+    total = hl.residual + hl.mlp + hl.heads.sum(-1)
+    assert torch.allclose(total, g.edge_weight.to(total.dtype), rtol=1e-4, atol=1e-5)
