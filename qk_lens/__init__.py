@@ -7,6 +7,7 @@
 >>> attr.top(10)
 """
 
+from qk_lens.atlas import HeadAtlas, head_atlas
 from qk_lens.attribution import CompletenessError, QKAttribution, QKAttributions
 from qk_lens.bases import DictionaryBasis, PartsBatch, UpstreamBasis
 from qk_lens.capture import Capture
@@ -30,6 +31,7 @@ __all__ = [
     "FeatureLabel",
     "Graph",
     "GroupedTerms",
+    "HeadAtlas",
     "HeadLoadings",
     "HookedQKTransformer",
     "LabelSet",
@@ -44,6 +46,7 @@ __all__ = [
     "UpstreamBasis",
     "attach",
     "attribution_graph",
+    "head_atlas",
     "head_loadings",
     "inhibitors",
     "label_dictionary",

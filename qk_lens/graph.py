@@ -1094,9 +1094,9 @@ class Graph:
             "tokens": self.tokens.to(torch.int64).contiguous(),
         }
         for c in _NODE_FLOAT_COLUMNS:
-            tensors[f"node_{c}"] = torch.as_tensor(self.nodes[c].to_numpy(np.float64))
+            tensors[f"node_{c}"] = torch.tensor(self.nodes[c].to_numpy(np.float64, copy=True))
         for c in _NODE_INT_COLUMNS:
-            tensors[f"node_{c}"] = torch.as_tensor(self.nodes[c].to_numpy(np.int64))
+            tensors[f"node_{c}"] = torch.tensor(self.nodes[c].to_numpy(np.int64, copy=True))
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

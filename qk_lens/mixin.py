@@ -214,6 +214,25 @@ class QKLensMixin:
             self, cap, qk, head_list, top_k, float(min_prob), qb, kb, chunk_size, progress
         )
 
+    # ------------------------------------------------------------------ head atlas
+    def head_atlas(
+        self,
+        prompts: Any = None,
+        n_probes: int = 32,
+        probe_length: int | None = None,
+        seed: int = 0,
+        composition: bool = True,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """What every head does, from its weights and its patterns (:func:`qk_lens.atlas.head_atlas`)."""
+        from qk_lens.atlas import head_atlas
+
+        return head_atlas(
+            self, prompts=prompts, n_probes=n_probes, probe_length=probe_length, seed=seed,
+            composition=composition, progress=progress, **kwargs,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ graphs
     def attribution_graph(self, prompt: Any, targets: Any = None, **kwargs: Any) -> Any:
         """Checkpointed attribution graph of ``prompt`` (residual dictionaries at every layer

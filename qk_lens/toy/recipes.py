@@ -35,7 +35,7 @@ class Recipe:
     n_heads: int = 4
     d_head: int = 16
     n_ctx: int = 48
-    steps: int = 5000
+    steps: int = 10000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01

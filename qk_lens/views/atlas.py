@@ -112,7 +112,9 @@ def _cells(frame: pd.DataFrame, score: str) -> list[Any]:
     return list(sub.itertuples(index=False))
 
 
-def label_grid(frame: pd.DataFrame, labels: Sequence[str] = tuple(LABEL_COLOURS)) -> str:
+def label_grid(
+    frame: pd.DataFrame, labels: Sequence[str] = tuple(LABEL_COLOURS), title: str = ""
+) -> str:
     """Layers as rows, heads as columns: each cell names the head and lists its labels, takes
     its first label's colour, and carries the evidence (scores vs thresholds) as a tooltip."""
     for col in ("layer", "head", "name", "labels", "evidence"):
@@ -149,7 +151,8 @@ def label_grid(frame: pd.DataFrame, labels: Sequence[str] = tuple(LABEL_COLOURS)
     body = (
         f'<div class="qkl-scroll">{"".join(parts)}</div><div style="margin-top:.3em">{legend}</div>'
     )
-    return _fig(body, "Labels", "A cell's colour is its first label; hover for the evidence.", "")
+    caption = "A cell's colour is its first label; hover over it for the evidence."
+    return _fig(body, title, caption, "qkl-atlas-grid")
 
 
 def atlas_report(atlas: HeadAtlas, title: str) -> Report:
