@@ -12,38 +12,11 @@ peak RSS (sampled every 5 ms) above the RSS after setup.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 import warnings
 
-import psutil
 import torch
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (a 5 ms sampling thread)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def delta_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
+from _measure import PeakRSS
 
 
 def build(n_tokens: int, k: int, d_sae: int, seed: int = 0):

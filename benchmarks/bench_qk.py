@@ -11,47 +11,13 @@ machine's dense matmul FLOP/s measured in the same run).
 from __future__ import annotations
 
 import argparse
-import os
-import threading
 import time
 import warnings
 
-import psutil
 import torch
+from _measure import PeakRSS, best_of
 
 warnings.filterwarnings("ignore")
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-class PeakRSS:
-    """Peak resident memory above the starting level, sampled every 2 ms in a thread."""
-
-    def __enter__(self):
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.extra = self.peak - self.base
 
 
 def main() -> None:

@@ -172,6 +172,20 @@ class LayerQK:
         space: str = "resid",
     ) -> Float[Tensor, "h n d_head"]:
         """Residual-space parts (each at its own position) → their parts of the head's q or k."""
+        return self._finish(
+            side, self.pre_rotary(side, vectors, positions, heads, space), positions, heads
+        )
+
+    def pre_rotary(
+        self,
+        side: Side,
+        vectors: Float[Tensor, "n d_model"],
+        positions: Int[Tensor, "n"],
+        heads: Int[Tensor, "h"],
+        space: str = "resid",
+    ) -> Float[Tensor, "h n d_head"]:
+        """The parts' share of ``hook_q`` / ``hook_k``: ln1 at its frozen scale, then W_Q / W_K
+        (no bias; qk-norm, rotary and scaling come after, in :meth:`project`)."""
         x = vectors.to(self.dtype)
         if space == "normalized":
             # A dictionary on ln1.hook_normalized already sits after centring and 1/σ.
@@ -181,8 +195,7 @@ class LayerQK:
         else:
             x = linearize_norm(x, self._frozen_ln_scale(positions), self.norm_kind, self.norm_w)
         W, _ = self.head_weights(side, heads)
-        pre = einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
-        return self._finish(side, pre, positions, heads)
+        return einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
 
     def project_bias(
         self, side: Side, positions: Int[Tensor, "n"], heads: Int[Tensor, "h"]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from qk_lens.attention import LayerQK, compute_dtype, linearize_norm
+from qk_lens.attention import LayerQK, compute_dtype
 from qk_lens.attribution import _tolerance, project_side
 from qk_lens.bases import DictionaryBasis, PartsBatch, _meta
 from qk_lens.capture import Capture
@@ -212,28 +212,6 @@ def full_side(model: Any, qk: LayerQK, side: Side, heads: Tensor) -> Float[Tenso
     positions = torch.arange(qk.cap.n_tokens)
     ps = project_side(model, qk, side, _WholeResidual(), positions, heads)
     return (ps.vectors * ps.valid[None, :, :, None]).sum(2)
-
-
-def pre_rotary(
-    qk: LayerQK,
-    side: Side,
-    vectors: Float[Tensor, "n d_model"],
-    positions: Int[Tensor, "n"],
-    heads: Int[Tensor, "h"],
-    space: str = "resid",
-) -> Float[Tensor, "h n d_head"]:
-    """Residual-space vectors → their part of hook_q / hook_k (before qk-norm and rotary).
-
-    LayerQK.project without its last steps: ln1 at the clean frozen scale, then W_Q / W_K
-    (no bias: a steering delta is a difference of parts, the bias cancels).
-    """
-    x = vectors.to(qk.dtype)
-    if space == "normalized":
-        x = linearize_norm(x, None, qk.norm_kind, qk.norm_w, centered_already=True)
-    else:
-        x = linearize_norm(x, qk._frozen_ln_scale(positions), qk.norm_kind, qk.norm_w)
-    W, _ = qk.head_weights(side, heads)
-    return einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
 
 
 # =========================================================================== the plan
@@ -927,7 +905,7 @@ def _run_qk(
             # float32 rounding of the steered score scales with the steered side's norm too
             scale = clean_scale.clone()
             if len(plan.positions):
-                pre = pre_rotary(qk, side, plan.delta, plan.positions, heads, s.dictionary.space)
+                pre = qk.pre_rotary(side, plan.delta, plan.positions, heads, s.dictionary.space)
                 deltas[b, plan.positions] = pre.permute(1, 0, 2)
                 fin = qk.project(side, plan.delta, plan.positions, heads, s.dictionary.space)
                 if side == "key":
