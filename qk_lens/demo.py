@@ -58,6 +58,7 @@ class InductionStory:
     previous_pattern: np.ndarray  # the previous-token head's pattern on the prompt
     checks: list[Check] = field(default_factory=list)
     top_k: int = 8
+    atlas: Any = None  # the model's HeadAtlas, shown in the report when present
 
     @property
     def confirmed(self) -> bool:
@@ -165,6 +166,13 @@ class InductionStory:
             f"Previous-token head L{pl}H{ph}: attention pattern",
             pattern_heatmap(self.previous_pattern, self.str_tokens),
         )
+        if self.atlas is not None:
+            rep.add(
+                "Head atlas: what every head does (weights and patterns)",
+                self.atlas.grid(),
+                self.atlas.heatmap("induction"),
+                self.atlas.heatmap("ov_copying"),
+            )
         rep.add(
             "Head scores on repeated random probes",
             table(
@@ -216,6 +224,7 @@ def run_story(
     q_pos: int | None = None,
     top_k: int = 8,
     n_probes: int = 32,
+    atlas: bool = True,
 ) -> InductionStory:
     """Run the three steps on an attached model with a dictionary at the induction layer."""
     scores = pattern_scores(model, n=n_probes)
@@ -244,6 +253,8 @@ def run_story(
         previous_pattern=cap.pattern(pl)[ph].detach().double().cpu().numpy(),
         top_k=top_k,
     )
+    if atlas:
+        story.atlas = model.head_atlas(n_probes=n_probes)
     story.checks = _checks(story, prev, ind)
     return story
 

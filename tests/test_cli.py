@@ -33,6 +33,7 @@ def test_demo_confirms_and_writes_a_self_contained_report(tmp_path, capsys):
     assert refs.external == []
     assert "<script src" not in html and "@import" not in html and "url(" not in html
     assert "Induction head" in html and "previous token = " in html
+    assert "Head atlas" in html and "induction" in html
 
 
 def test_demo_options(tmp_path, capsys):
