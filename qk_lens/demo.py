@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from qk_lens.attribution import QKAttribution
-from qk_lens.patterns import pattern_scores, strongest
+from qk_lens.patterns import SCORE_COLUMNS, default_probe_length, pattern_scores, strongest
 
 _LABEL = re.compile(r"^\s*(current token|previous token)\s*=\s*(.+?)\s*$")
 # a head "is" a previous-token / induction head above these mean attentions on the probes
@@ -227,7 +227,13 @@ def run_story(
     atlas: bool = True,
 ) -> InductionStory:
     """Run the three steps on an attached model with a dictionary at the induction layer."""
-    scores = pattern_scores(model, n=n_probes)
+    if atlas:
+        # the atlas probes with the same BOS, s, s prompts: its pattern columns are the scores
+        head_atlas = model.head_atlas(n_probes=n_probes, probe_length=default_probe_length(model))
+        scores = head_atlas.frame[["layer", "head", *SCORE_COLUMNS]].copy()
+    else:
+        head_atlas = None
+        scores = pattern_scores(model, n=n_probes)
     later = range(1, model.cfg.n_layers)
     il, ih, ind = strongest(scores, "induction", later)
     pl, ph, prev = strongest(scores, "previous_token", range(0, il))
@@ -252,9 +258,8 @@ def run_story(
         pattern=cap.pattern(il)[ih].detach().double().cpu().numpy(),
         previous_pattern=cap.pattern(pl)[ph].detach().double().cpu().numpy(),
         top_k=top_k,
+        atlas=head_atlas,
     )
-    if atlas:
-        story.atlas = model.head_atlas(n_probes=n_probes)
     story.checks = _checks(story, prev, ind)
     return story
 

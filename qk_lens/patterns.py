@@ -29,6 +29,11 @@ def probe_token_ids(model: Any) -> Int[Tensor, " n"]:
     return ids
 
 
+def default_probe_length(model: Any) -> int:
+    """Segment length of the default probes: 16, or what fits twice in the context."""
+    return min(16, (model.cfg.n_ctx - 1) // 2)
+
+
 def bos_id(model: Any) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is not None and tok.bos_token_id is not None:
@@ -87,7 +92,7 @@ def pattern_scores(
     to the duplicate token, to the first token and to itself, on repeated random probes
     (``tokens`` of shape ``BOS, s, s`` may be given instead; ``length`` is then ``len(s)``)."""
     if tokens is None:
-        length = min(16, (model.cfg.n_ctx - 1) // 2) if length is None else int(length)
+        length = default_probe_length(model) if length is None else int(length)
         tokens = repeated_random_tokens(model, n=n, length=length, seed=seed)
     else:
         tokens = torch.as_tensor(tokens)
