@@ -86,3 +86,32 @@ def make_sae(
     sae = cls(cfg)
     randomize_(sae, seed)
     return sae
+
+
+_ATTACHED: dict = {}
+
+
+def attached_with_sae(name: str, dtype=None, n_tok: int = 14):
+    """(attached model, tokens [n_tok], layer): a random test model (tests/archs.py) with a
+    randomized TopK SAE on its last layer's resid_pre; one per (variant, dtype, n_tok)."""
+    import torch
+
+    import qk_lens
+    from tests.archs import make_model, make_tokens
+
+    dtype = torch.float64 if dtype is None else dtype
+    key = (name, dtype, n_tok)
+    if key not in _ATTACHED:
+        model = qk_lens.attach(make_model(name, dtype))
+        layer = model.cfg.n_layers - 1
+        sae = make_sae(
+            "topk",
+            dtype="float64" if dtype == torch.float64 else "float32",
+            hook=f"blocks.{layer}.hook_resid_pre",
+            d_in=model.cfg.d_model,
+            d_sae=4 * model.cfg.d_model,
+            seed=3,
+        )
+        model.add_dictionary(sae)
+        _ATTACHED[key] = (model, make_tokens(model, n_tok)[0], layer)
+    return _ATTACHED[key]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import qk_lens
 from qk_lens import toy
 from qk_lens.contrast import (
     components,
@@ -24,32 +23,15 @@ from qk_lens.demo import parse_token_label
 from qk_lens.patterns import pattern_scores, strongest
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
-from tests.archs import make_model, make_tokens
-from tests.saes import make_sae
+from tests.saes import attached_with_sae
 
 torch.set_num_threads(1)
 N_TOK = 14
 Q = 12
-_MODELS: dict = {}
 
 
 def attached(name: str, dtype: torch.dtype = torch.float64):
-    key = (name, dtype)
-    if key not in _MODELS:
-        model = qk_lens.attach(make_model(name, dtype))
-        layer = model.cfg.n_layers - 1
-        sae = make_sae(
-            "topk",
-            dtype="float64" if dtype == torch.float64 else "float32",
-            hook=f"blocks.{layer}.hook_resid_pre",
-            d_in=model.cfg.d_model,
-            d_sae=4 * model.cfg.d_model,
-            seed=3,
-        )
-        model.add_dictionary(sae)
-        tokens = make_tokens(model, N_TOK)[0]
-        _MODELS[key] = (model, tokens, layer)
-    return _MODELS[key]
+    return attached_with_sae(name, dtype, N_TOK)
 
 
 def tol(dtype, a):

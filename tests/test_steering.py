@@ -15,33 +15,18 @@ from qk_lens.patterns import pattern_scores, strongest
 from qk_lens.steering import steer_qk, steer_qk_sweep, steer_resid
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
-from tests.archs import make_model, make_tokens
-from tests.saes import make_sae
+from tests.archs import make_model
+from tests.saes import attached_with_sae, make_sae
 
 torch.set_num_threads(1)
 N_TOK = 14
 # GPT-2 style, NeoX (partial rotary), Llama (GQA + NTK rotary), Gemma-2 (GQA, softcap, local
 # window), Gemma-3 (qk-norm), ALiBi
 ARCHS = ["gpt2", "neox", "llama", "gemma2", "gemma3", "alibi"]
-_MODELS: dict = {}
 
 
 def attached(name: str, dtype: torch.dtype = torch.float64):
-    key = (name, dtype)
-    if key not in _MODELS:
-        model = qk_lens.attach(make_model(name, dtype))
-        layer = model.cfg.n_layers - 1
-        sae = make_sae(
-            "topk",
-            dtype="float64" if dtype == torch.float64 else "float32",
-            hook=f"blocks.{layer}.hook_resid_pre",
-            d_in=model.cfg.d_model,
-            d_sae=4 * model.cfg.d_model,
-            seed=3,
-        )
-        model.add_dictionary(sae)
-        _MODELS[key] = (model, make_tokens(model, N_TOK)[0], layer)
-    return _MODELS[key]
+    return attached_with_sae(name, dtype, N_TOK)
 
 
 def active_features(model, tokens, layer, pos, n=2):
