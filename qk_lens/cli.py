@@ -99,6 +99,13 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _parse_heads(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"--heads must be comma-separated head indices like 0,3,5; got {text!r}")
+    return [int(p) for p in parts]
+
+
 TABLE_FORMATS = (".csv", ".jsonl", ".parquet")
 
 
@@ -116,7 +123,7 @@ def _table(args: argparse.Namespace) -> int:
     try:
         prompts = _read_prompts(args)
         model = _load_for_table(args)
-        heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
+        heads = None if args.heads is None else _parse_heads(args.heads)
         frames = []
         for i, prompt in enumerate(tqdm(prompts, desc="prompts", disable=args.quiet)):
             df = model.qk_attribution_table(

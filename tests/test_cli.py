@@ -116,5 +116,7 @@ def test_table_bad_input(tmp_path, capsys):
     assert ".csv" in capsys.readouterr().err
     assert main(["table", "--prompt", "fox owl", "--layer", "5", "--quiet"]) == EXIT_ERROR
     assert "layer=5" in capsys.readouterr().err
+    assert main(["table", "--prompt", "fox owl", "--layer", "1", "--heads", "0,x"]) == EXIT_ERROR
+    assert "--heads" in capsys.readouterr().err
     code = main(["table", "--model", "gpt2", "--prompt", "hi", "--layer", "1", "--quiet"])
     assert code == EXIT_ERROR and "--sae-release" in capsys.readouterr().err
