@@ -1,15 +1,10 @@
 """The batch primitive: top-k QK terms plus the exact remainder for every (head, q, k) of a layer.
 
 Both sides are projected once for every position and head (``[head, pos, slot, d_head]``, i.e.
-memory T·slots·heads·d_head). Query positions are then processed in chunks: one batched matmul
-gives every term of the chunk against all earlier keys, the selected (unmasked, prob ≥ min_prob)
-pairs are gathered and reduced to their top-k by |term|. No T²·slots² tensor ever exists.
-
-Speed note: ``torch.topk`` over every term dominates (≈ 4 ns/term on a 2-core CPU, against
-≈ 1 ns/term for the matmul at the dense rate). An exact pruning exists — every top-k entry of a
-pair's term matrix lies in the top-k rows by row |max| and the top-k columns by column |max|,
-cutting 67×67 candidates to 32×32 — but with torch's reductions and gathers it measured slower
-than plain top-k here; a fused kernel would be the way to the roofline target.
+memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, a chunk of
+query positions at a time, to ``qk_lens.topk_terms``, which keeps each pair's top-k terms while it
+multiplies (fused, with numba) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
+the output is pairs × (top_k + 1) rows.
 """
 
 from __future__ import annotations
@@ -26,12 +21,12 @@ from qk_lens.attention import LayerQK
 from qk_lens.attribution import ALIBI_LABEL, ProjectedSide, project_side
 from qk_lens.bases import Meta, _meta, concat_meta
 from qk_lens.capture import Capture
+from qk_lens.topk_terms import top_terms
 
 REMAINDER, ALIBI = -1, -2  # pseudo-part codes in the table
 
-# Elements of the per-chunk term tensor: small enough to stay near the caches, large enough that
-# the batched matmul runs near full speed.
-_CHUNK_ELEMENTS = 8_000_000
+# Query positions per chunk by default: a progress step, and a bound on the transient copies.
+_CHUNKS = 8
 
 
 def _part_index(side: ProjectedSide) -> torch.Tensor:
@@ -57,6 +52,7 @@ def attribution_table(
     key_basis: Any,
     chunk_size: int | None = None,
     progress: bool = False,
+    fused: bool | None = None,
 ) -> pd.DataFrame:
     T = cap.n_tokens
     positions = torch.arange(T)
@@ -64,7 +60,7 @@ def attribution_table(
     q_side = project_side(model, qk, "query", query_basis, positions, H)
     k_side = project_side(model, qk, "key", key_basis, positions, H)
     Q, K = q_side.vectors, k_side.vectors  # [h, T, Pq, d], [h, T, Pk, d]
-    n_h, _, Pq, d = Q.shape
+    _, _, Pq, d = Q.shape
     Pk = K.shape[2]
     q_index, k_index = _part_index(q_side), _part_index(k_side)
 
@@ -73,78 +69,70 @@ def attribution_table(
     select = qk.key_allowed(positions, positions)[None] & (pattern >= min_prob)
     # Each pair's score from the summed parts: Σ_ab q_a·k_b = (Σ_a q_a)·(Σ_b k_b).
     totals = einsum(Q.sum(2), K.sum(2), "h q d, h k d -> h q k")
-    if qk.alibi:
-        alibi = qk.alibi_terms(H, positions, positions)
+    alibi = qk.alibi_terms(H, positions, positions) if qk.alibi else None
+    if alibi is not None:
         totals = totals + alibi
     k_eff = min(top_k, Pq * Pk)
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, n_h * Pq * T * Pk))
+        chunk_size = max(1, -(-T // _CHUNKS))
 
-    cols: dict[str, list] = {c: [] for c in ("h", "q", "k", "qi", "ki", "term", "rank")}
-    flops = 0
+    vals_l, idx_l, pairs_l = [], [], []
     for q0 in tqdm(range(0, T, chunk_size), disable=not progress, desc=f"L{qk.layer} QK table"):
         q1 = min(T, q0 + chunk_size)
-        sel = select[:, q0:q1]
-        any_key = torch.nonzero(sel.any(0).any(0))[:, 0]
-        if len(any_key) == 0:
+        # (q, head, k) order: nonzero over the [q, head, k] view
+        qq, hh, kk = torch.nonzero(select[:, q0:q1].transpose(0, 1), as_tuple=True)
+        if len(qq) == 0:
             continue
-        k0, k1 = int(any_key[0]), int(any_key[-1]) + 1  # keys outside [k0, k1) are never selected
-        tq, tk = q1 - q0, k1 - k0
-        # Per (head, query): K[keys] @ q^T, so each pair's Pk×Pq block is contiguous.
-        keys = K[:, None, k0:k1].reshape(n_h, 1, tk * Pk, d)
-        terms = torch.matmul(keys, Q[:, q0:q1].transpose(-1, -2)).view(n_h, tq, tk, Pk * Pq)
-        flops += 2 * n_h * tq * tk * Pk * Pq * d
-        sel = sel[:, :, k0:k1]
-        hh, qq, kk = torch.nonzero(sel, as_tuple=True)
-        chosen = terms.reshape(-1, Pk * Pq) if bool(sel.all()) else terms[hh, qq, kk]
-        _, idx = torch.topk(chosen.abs(), k_eff, dim=-1)
-        vals = chosen.gather(-1, idx)
-        qpos, kpos = (qq + q0)[:, None], (kk + k0)[:, None]
-        ki = k_index[kpos, idx // Pq]
-        qi = q_index[qpos, idx % Pq]
-        keep = (qi >= 0) & (ki >= 0)  # padding slots (exact zeros) never count as interactions
-        rank = torch.arange(k_eff).expand_as(idx)
-        # The exact remainder: the pair's score minus the listed terms (and ALiBi, listed apart).
-        # Extra columns go right after each pair's listed terms, so rows come out grouped by pair.
-        rem = totals[hh, qq + q0, kk + k0] - torch.where(keep, vals, 0.0).sum(-1)
-        extra_vals, extra_codes = [rem], [REMAINDER]
-        if qk.alibi:
-            a = alibi[hh, qq + q0, kk + k0]
-            extra_vals, extra_codes = [rem - a, a], [REMAINDER, ALIBI]
-        n_x = len(extra_codes)
-        codes = torch.tensor(extra_codes).expand(len(hh), n_x)
-        keep = torch.cat([keep, torch.ones(len(hh), n_x, dtype=torch.bool)], 1)
-        width = k_eff + n_x
-        for name, v in (
-            ("h", hh[:, None].expand(-1, width)),
-            ("q", qpos.expand(-1, width)),
-            ("k", kpos.expand(-1, width)),
-            ("qi", torch.cat([qi, codes], 1)),
-            ("ki", torch.cat([ki, codes], 1)),
-            ("term", torch.cat([vals, torch.stack(extra_vals, 1)], 1)),
-            ("rank", torch.cat([rank, codes], 1)),
-        ):
-            cols[name].append(v[keep])
-
-    if not cols["h"]:
+        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff, fused=fused)
+        vals_l.append(v)
+        idx_l.append(i)
+        pairs_l.append(torch.stack([hh, qq + q0, kk]))
+    if not pairs_l:
         return _empty_frame()
-    c = {k: torch.cat(v).numpy() for k, v in cols.items()}
+    vals, idx = torch.cat(vals_l), torch.cat(idx_l)
+    hh, qq, kk = torch.cat(pairs_l, 1)
+    n_pairs = len(hh)
+    flops = 2 * n_pairs * Pq * Pk * d
+
+    ki = k_index[kk[:, None], idx // Pq]
+    qi = q_index[qq[:, None], idx % Pq]
+    keep = (qi >= 0) & (ki >= 0)  # padding slots (exact zeros) never count as interactions
+    rank = torch.arange(k_eff).expand_as(idx)
+    # The exact remainder: the pair's score minus the listed terms (and ALiBi, listed apart).
+    # Extra columns go right after each pair's listed terms, so rows come out grouped by pair.
+    rem = totals[hh, qq, kk] - torch.where(keep, vals, 0.0).sum(-1)
+    extra_vals, extra_codes = [rem], [REMAINDER]
+    if alibi is not None:
+        a = alibi[hh, qq, kk]
+        extra_vals, extra_codes = [rem - a, a], [REMAINDER, ALIBI]
+    codes = torch.tensor(extra_codes).expand(n_pairs, len(extra_codes))
+    keep = torch.cat([keep, torch.ones(n_pairs, len(extra_codes), dtype=torch.bool)], 1).numpy()
+    n_rows = keep.sum(1)
+
+    def per_row(x: torch.Tensor) -> np.ndarray:  # a per-pair value on each of the pair's rows
+        return np.repeat(x.numpy(), n_rows)
+
+    def listed(x: torch.Tensor) -> np.ndarray:  # [pair, width] → the kept entries, row-major
+        return x.numpy()[keep]
+
     q_meta = _with_special(q_side.meta)
     k_meta = _with_special(k_side.meta)
     n_qm, n_km = len(q_side.meta["kind"]), len(k_side.meta["kind"])
-    qi = np.where(c["qi"] >= 0, c["qi"], n_qm - 1 - c["qi"])  # −1 → remainder, −2 → ALiBi
-    ki = np.where(c["ki"] >= 0, c["ki"], n_km - 1 - c["ki"])
-    hq, qq_, kk_ = c["h"], c["q"], c["k"]
+    # −1 → remainder, −2 → ALiBi: the pseudo-parts appended after the real ones
+    qi = listed(torch.cat([qi, codes], 1))
+    ki = listed(torch.cat([ki, codes], 1))
+    qi = np.where(qi >= 0, qi, n_qm - 1 - qi)
+    ki = np.where(ki >= 0, ki, n_km - 1 - ki)
     frame = pd.DataFrame(
         {
-            "layer": qk.layer,
-            "head": np.asarray(heads)[hq],
-            "q_pos": qq_,
-            "k_pos": kk_,
-            "prob": pattern[hq, qq_, kk_].to(torch.float64).numpy(),
-            "score": totals[hq, qq_, kk_].to(torch.float64).numpy(),
-            "model_score": final[hq, qq_, kk_].to(torch.float64).numpy(),
-            "rank": c["rank"],
+            "layer": np.full(len(qi), qk.layer),
+            "head": per_row(torch.tensor(heads)[hh]),
+            "q_pos": per_row(qq),
+            "k_pos": per_row(kk),
+            "prob": per_row(pattern[hh, qq, kk].to(torch.float64)),
+            "score": per_row(totals[hh, qq, kk].to(torch.float64)),
+            "model_score": per_row(final[hh, qq, kk].to(torch.float64)),
+            "rank": listed(torch.cat([rank, codes], 1)),
             "q_kind": _categorical(q_meta, "kind", qi),
             "q_feature": q_meta["feature"][qi],
             "q_label": _categorical(q_meta, "label", qi),
@@ -152,7 +140,7 @@ def attribution_table(
             "k_part_pos": k_meta["position"][ki],
             "k_feature": k_meta["feature"][ki],
             "k_label": _categorical(k_meta, "label", ki),
-            "term": c["term"].astype(np.float64),
+            "term": listed(torch.cat([vals, torch.stack(extra_vals, 1)], 1)).astype(np.float64),
         }
     )
     frame.attrs.update({"flops": flops, "query_parts": n_qm, "key_parts": n_km})

@@ -1,0 +1,78 @@
+"""The fused top-k term kernel against a brute-force reference and against the torch path."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import qk_lens
+import qk_lens.topk_terms as tt
+from tests.archs import make_model, make_tokens
+from tests.saes import make_sae
+
+needs_numba = pytest.mark.skipif(tt.numba is None, reason="numba is not installed")
+
+
+def _inputs(dtype, seed=0, n_h=3, T=9, Pq=7, Pk=5, d=6):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n_h, T, Pq, d, generator=g, dtype=dtype)
+    K = torch.randn(n_h, T, Pk, d, generator=g, dtype=dtype)
+    Q[:, :, -1] = 0  # padding slots give exact-zero terms
+    hh, qq, kk = torch.nonzero(torch.ones(n_h, T, T, dtype=torch.bool).tril(), as_tuple=True)
+    return Q, K, hh, qq, kk
+
+
+def _reference(Q, K, hh, qq, kk, top_k):
+    """Every term written out by a Python loop, sorted by |value|."""
+    out_v, out_i = [], []
+    for h, q, k in zip(hh.tolist(), qq.tolist(), kk.tolist(), strict=True):
+        terms = [
+            (float(K[h, k, a] @ Q[h, q, b]), a * Q.shape[2] + b)
+            for a in range(K.shape[2])
+            for b in range(Q.shape[2])
+        ]
+        terms.sort(key=lambda t: -abs(t[0]))
+        out_v.append([t[0] for t in terms[:top_k]])
+        out_i.append([t[1] for t in terms[:top_k]])
+    return np.array(out_v), np.array(out_i)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_numba), False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("top_k", [1, 4, 35, 100])
+def test_top_terms_match_brute_force(fused, dtype, top_k):
+    Q, K, hh, qq, kk = _inputs(dtype)
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, top_k, fused=fused)
+    ref_v, ref_i = _reference(Q, K, hh, qq, kk, top_k)
+    assert vals.shape == (len(hh), min(top_k, 35))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert np.allclose(vals.numpy(), ref_v, atol=tol, rtol=0)
+    # indices agree wherever |values| are not tied (the zeros of padding slots tie)
+    distinct = np.abs(ref_v) > 1e-9
+    assert (idx.numpy()[distinct] == ref_i[distinct]).all()
+
+
+@needs_numba
+def test_fused_kernel_refuses_what_it_cannot_run():
+    Q, K, hh, qq, kk = _inputs(torch.float16)
+    with pytest.raises(ValueError, match="needs numba and float32/float64 CPU tensors"):
+        tt.top_terms(Q, K, hh, qq, kk, 3, fused=True)
+    vals, _ = tt.top_terms(Q, K, hh, qq, kk, 3)  # falls back to torch
+    assert vals.dtype == torch.float16
+
+
+@needs_numba
+@pytest.mark.parametrize("arch", ["gpt2", "alibi"])
+def test_table_same_with_and_without_the_kernel(arch, monkeypatch):
+    model = qk_lens.attach(make_model(arch))
+    layer = model.cfg.n_layers - 1
+    d = model.cfg.d_model
+    model.add_dictionary(make_sae("topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=d, d_sae=90))
+    tokens = make_tokens(model, 12)[0]
+    fused = model.qk_attribution_table(tokens, layer, top_k=7)
+    monkeypatch.setattr(tt, "numba", None)
+    plain = model.qk_attribution_table(tokens, layer, top_k=7)
+    pd.testing.assert_frame_equal(
+        fused.drop(columns="term"), plain.drop(columns="term"), check_exact=True
+    )
+    assert np.allclose(fused.term, plain.term, atol=1e-9, rtol=0)
