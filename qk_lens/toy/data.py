@@ -4,6 +4,11 @@ Every sequence is ``<bos>``, a random prefix, a segment of random length, a rand
 segment again, then random filler up to the context length. The repeat's offset varies from
 sequence to sequence, so a model can only predict the second copy by induction (find the earlier
 occurrence of the current token, copy what followed it), not by a fixed positional shortcut.
+
+With ``distinct`` (the default) the words before the copy are all different, so a word seen
+before is always the start of the copy: the copy's second token is then as predictable as its
+last (with random filler, a word that merely recurs by chance makes every copy start a guess).
+The filler after the copy is random and left out of the loss (``scored``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ class RepeatSpec:
     prefix: tuple[int, int] = (0, 7)
     segment: tuple[int, int] = (4, 20)
     gap: tuple[int, int] = (0, 6)
-    # distinct words inside a segment, so the token after an earlier occurrence is unambiguous
+    # prefix, segment and gap are distinct words, so an earlier occurrence is always the copy's
     distinct: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("prefix", "segment", "gap"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name}={(lo, hi)} must be a range 0 <= lo <= hi")
+        if self.segment[0] < 2:
+            raise ValueError(f"segment={self.segment}: a repeat needs at least 2 tokens")
 
 
 @dataclass
@@ -34,6 +47,8 @@ class RepeatBatch:
     tokens: Int[Tensor, "batch n_ctx"]
     # True at positions whose token is predictable by induction (the 2nd copy, from its 2nd token)
     repeated: Bool[Tensor, "batch n_ctx"]
+    # True at positions whose token is trained on and evaluated: through the end of the copy
+    scored: Bool[Tensor, "batch n_ctx"]
     # the source position the induction head should attend to from each position (-1 where none):
     # for query position q in the second copy, the token after the earlier occurrence of tokens[q]
     induction_target: Int[Tensor, "batch n_ctx"]
@@ -51,10 +66,17 @@ def repeated_batch(
 ) -> RepeatBatch:
     """``n`` sequences drawn by ``spec``; the second copy is cut where the context ends."""
     words = torch.as_tensor(word_ids)
+    longest = spec.prefix[1] + spec.segment[1] + spec.gap[1]
+    if spec.distinct and longest > len(words):
+        raise ValueError(
+            f"distinct prefix+segment+gap need up to {longest} words, but only {len(words)} exist;"
+            " shorten the ranges or pass distinct=False"
+        )
     draws = torch.randint(0, len(words), (n, spec.n_ctx), generator=generator)
     tokens = words[draws]
     tokens[:, 0] = bos_id
     repeated = torch.zeros(n, spec.n_ctx, dtype=torch.bool)
+    scored = torch.zeros(n, spec.n_ctx, dtype=torch.bool)
     target = torch.full((n, spec.n_ctx), -1, dtype=torch.long)
     starts = torch.zeros(n, dtype=torch.long)
     offsets = torch.zeros(n, dtype=torch.long)
@@ -65,19 +87,19 @@ def repeated_batch(
     for b in range(n):
         first = 1 + draw(spec.prefix)
         length = draw(spec.segment)
-        if spec.distinct:
-            seg = torch.randperm(len(words), generator=generator)[: min(length, len(words))]
-            length = len(seg)
-            tokens[b, first : first + length] = words[seg]
         second = first + length + draw(spec.gap)
+        if spec.distinct:
+            fresh = torch.randperm(len(words), generator=generator)[: second - 1]
+            tokens[b, 1:second] = words[fresh]
         end = min(second + length, spec.n_ctx)
         tokens[b, second:end] = tokens[b, first : first + end - second].clone()
         # from the 2nd token of the copy on, the next token is known; the copy's 1st token is not
         repeated[b, second + 1 : end] = True
+        scored[b, 1:end] = True
         q = torch.arange(second, end - 1)
         target[b, q] = q - (second - first) + 1
         starts[b], offsets[b] = second, second - first
-    return RepeatBatch(tokens, repeated, target, starts, offsets)
+    return RepeatBatch(tokens, repeated, scored, target, starts, offsets)
 
 
 def repeated_prompt(
@@ -88,13 +110,14 @@ def repeated_prompt(
     gap: int = 0,
     prefix: int = 0,
 ) -> Int[Tensor, " seq"]:
-    """One probe prompt: ``<bos>``, ``prefix`` random words, a random segment of ``length``
-    distinct words, ``gap`` random words, the segment again."""
+    """One probe prompt as the models were trained on: ``<bos>``, ``prefix`` words, a segment of
+    ``length`` words, ``gap`` words (all distinct), then the segment again."""
     words = torch.as_tensor(word_ids)
-    if length > len(words):
-        raise ValueError(f"length={length} exceeds the {len(words)} words available")
-    segment = words[torch.randperm(len(words), generator=generator)[:length]]
-    filler = words[torch.randint(0, len(words), (prefix + gap,), generator=generator)]
-    return torch.cat(
-        [torch.tensor([bos_id]), filler[:prefix], segment, filler[prefix:], segment]
-    ).long()
+    if prefix + length + gap > len(words):
+        raise ValueError(
+            f"prefix+length+gap={prefix + length + gap} distinct words exceed the {len(words)}"
+            " available"
+        )
+    fresh = words[torch.randperm(len(words), generator=generator)[: prefix + length + gap]]
+    segment = fresh[prefix : prefix + length]
+    return torch.cat([torch.tensor([bos_id]), fresh, segment]).long()

@@ -35,9 +35,9 @@ class Recipe:
     n_heads: int = 4
     d_head: int = 16
     n_ctx: int = 48
-    steps: int = 10000
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of lr

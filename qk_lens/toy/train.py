@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Int
 from sae_lens import SAE
 from safetensors.torch import save_file
 from torch import Tensor
@@ -42,6 +45,50 @@ BOS_ID = SPECIALS.index(BOS)
 def new_model(recipe: Recipe) -> HookedTransformer:
     torch.manual_seed(recipe.seed)
     return HookedTransformer(HookedTransformerConfig(**recipe.hooked_config()))
+
+
+def _norm(x: Tensor, norm: Any, kind: str) -> Tensor:
+    if kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.w + norm.b
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.w
+
+
+def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """``model(tokens)`` for the toy recipes' architecture, with fused kernels (one QKV matmul,
+    ``scaled_dot_product_attention``) and no hooks: about 4x faster to train on CPU.
+
+    It reads and trains the model's own parameters; ``tests/test_toy.py`` checks it against
+    ``model(tokens)``.
+    """
+    cfg = model.cfg
+    if not cfg.attn_only or cfg.normalization_type not in ("LN", "RMS"):
+        raise ValueError("training_logits supports attention-only models with LN or RMS norms")
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        raise ValueError(f"unsupported positional_embedding_type={cfg.positional_embedding_type}")
+    batch, seq = tokens.shape
+    x = model.embed.W_E[tokens]
+    if cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed.W_pos[:seq]
+    for block in model.blocks:
+        attn = block.attn
+        h = _norm(x, block.ln1, cfg.normalization_type)
+        w_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=0)  # [3*head, d_model, d_head]
+        b_qkv = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=0)
+        qkv = torch.einsum("bpm,nmd->bpnd", h, w_qkv) + b_qkv
+        q, k, v = qkv.split(cfg.n_heads, dim=2)  # each [batch, pos, head, d_head]
+        if cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=1.0 / attn.attn_scale,
+        )  # [batch, head, pos, d_head]
+        x = x + torch.einsum("bnpd,ndm->bpm", z, attn.W_O) + attn.b_O
+    x = _norm(x, model.ln_final, cfg.normalization_type)
+    return x @ model.unembed.W_U + model.unembed.b_U
 
 
 def _lr_factor(recipe: Recipe, step: int, steps: int) -> float:
@@ -81,8 +128,10 @@ def _train_model(
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=f"training {recipe.name}", disable=not progress):
-        tokens = repeated_batch(recipe.batch_size, WORD_IDS, BOS_ID, gen, spec).tokens
-        loss = model(tokens, return_type="loss")
+        batch = repeated_batch(recipe.batch_size, WORD_IDS, BOS_ID, gen, spec)
+        logits = training_logits(model, batch.tokens)[:, :-1]
+        scored = batch.scored[:, 1:]  # the filler after the copy is not trained on
+        loss = F.cross_entropy(logits[scored], batch.tokens[:, 1:][scored])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -100,7 +149,7 @@ def evaluate_model(model: HookedTransformer, n: int = 512, seed: int = EVAL_SEED
     logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda h: "pattern" in h)
     nll = -F.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.tokens[:, 1:, None])[..., 0]
     repeated = batch.repeated[:, 1:]
-    fresh = ~repeated  # every other predicted token is uniformly random
+    fresh = batch.scored[:, 1:] & ~repeated  # the words before the copy, and the copy's first
     pos = torch.arange(model.cfg.n_ctx)
     has_target = batch.induction_target >= 0
     prev_token, induction = [], []
@@ -143,7 +192,7 @@ def activation_batches(
 ) -> Iterator[Tensor]:
     """Endless shuffled batches of ``hook`` activations on fresh repeated-segment sequences."""
     gen = torch.Generator().manual_seed(seed)
-    n_seq = 4 * math.ceil(batch_tokens / n_ctx)
+    n_seq = 16 * math.ceil(batch_tokens / n_ctx)  # one forward feeds ~16 steps
     while True:
         tokens = repeated_batch(n_seq, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=n_ctx)).tokens
         with torch.no_grad():
@@ -187,6 +236,7 @@ def train_saes(
     figures = {}
     for layer in range(model.cfg.n_layers):
         hook = f"blocks.{layer}.hook_resid_pre"
+        t0 = time.perf_counter()
         torch.manual_seed(r.seed + layer)
         cfg = TopKTrainingSAEConfig(
             d_in=model.cfg.d_model,
@@ -221,6 +271,7 @@ def train_saes(
             model, hook, r.batch_tokens, EVAL_SEED + layer, model.cfg.n_ctx
         )
         figures[hook] = evaluate_sae(inference, held_out)
+        figures[hook]["seconds"] = round(time.perf_counter() - t0, 1)
     return figures
 
 
@@ -245,9 +296,32 @@ def _update_config(directory: Path, **entries: Any) -> None:
 STAGES = ("model", "saes", "labels")
 
 
+def _train_all(argv: list[str]) -> int:
+    """Every recipe in its own process, concurrently (each trains on one thread)."""
+    rest, skip = [], False
+    for a in argv:  # drop '--model all' / '--model=all'
+        if skip:
+            skip = False
+        elif a == "--model":
+            skip = True
+        elif not a.startswith("--model="):
+            rest.append(a)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "qk_lens.toy.train", "--model", name, *rest])
+        for name in sorted(RECIPES)
+    ]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qk_lens.toy.train", description=__doc__)
-    parser.add_argument("--model", choices=sorted(RECIPES), default="attn2-ln")
+    parser.add_argument(
+        "--model",
+        choices=[*sorted(RECIPES), "all"],
+        default="attn2-ln",
+        help="'all' trains every bundled model at once, one process (and core) each",
+    )
     parser.add_argument(
         "--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES)
     )
@@ -256,14 +330,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-sequences", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None, help="default: the package's models/")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.model == "all":
+        return _train_all(argv if argv is not None else sys.argv[1:])
+    # one thread by default: the results are bit-reproducible, and `--model all` runs the
+    # models side by side, one per core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args, stages)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, stages: list[str]) -> int:
     recipe = RECIPES[args.model]
     if args.seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.seed)
