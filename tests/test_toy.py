@@ -202,6 +202,18 @@ def test_training_script_runs_a_few_steps(tmp_path):
     attr.check()
 
 
+def test_training_script_all_models_side_by_side(tmp_path):
+    """`--model all` trains every bundled model, each in its own process."""
+    from qk_lens.toy.train import main
+
+    args = ["--steps", "2", "--sae-steps", "2", "--probe-sequences", "4", "--out", str(tmp_path)]
+    assert main(["--model", "all", *args]) == 0
+    for name in toy.NAMES:
+        model = toy.load(tmp_path / name)
+        assert model.toy.config["training"]["steps"] == 2
+        assert sorted(model.qk_dictionaries) == [0, 1]
+
+
 @pytest.mark.parametrize("name", toy.NAMES)
 def test_training_forward_is_the_model_forward(name):
     """The fused forward used for training computes exactly what HookedTransformer does."""
