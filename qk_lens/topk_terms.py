@@ -100,9 +100,10 @@ def _fused(Q, K, hh, qq, kk, top_k):
     buf = torch.empty(max(b - a for a, b in spans) * Pk * Pq, dtype=Q.dtype)
     for a, b in spans:
         h, q = int(h_o[a]), int(q_o[a])
-        k_first, k_last = int(k_o[a]), int(k_o[b - 1])
-        if k_last - k_first == b - a - 1:  # a run of keys (the usual case): a view, no copy
-            keys = K[h, k_first : k_last + 1].reshape(-1, K.shape[3])  # [n·Pk, d]
+        k_first = int(k_o[a])
+        if torch.equal(k_o[a:b], torch.arange(k_first, k_first + b - a)):
+            # a run of keys (the usual case): a view, no copy
+            keys = K[h, k_first : k_first + b - a].reshape(-1, K.shape[3])  # [n·Pk, d]
         else:
             keys = K[h, k_o[a:b]].reshape(-1, K.shape[3])
         terms = buf[: (b - a) * Pk * Pq].view(-1, Pq)

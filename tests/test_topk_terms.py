@@ -52,6 +52,23 @@ def test_top_terms_match_brute_force(fused, dtype, top_k):
     assert (idx.numpy()[distinct] == ref_i[distinct]).all()
 
 
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_numba), False])
+def test_top_terms_any_pair_order_and_repeats(fused):
+    """Pairs in any order, repeated, with gaps between keys: each row still answers its pair."""
+    Q, K, hh, qq, kk = _inputs(torch.float64, seed=1)
+    g = torch.Generator().manual_seed(2)
+    pick = torch.randint(0, len(hh), (60,), generator=g)
+    pick = torch.cat([pick, pick[:7]])  # repeats
+    hh, qq, kk = hh[pick], qq[pick], kk[pick]
+    # one (head, query) whose keys 3, 3, 5 span as many positions as a run 3, 4, 5 would
+    hh = torch.cat([hh, torch.tensor([0, 0, 0])])
+    qq = torch.cat([qq, torch.tensor([6, 6, 6])])
+    kk = torch.cat([kk, torch.tensor([3, 3, 5])])
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, 5, fused=fused)
+    ref_v, _ = _reference(Q, K, hh, qq, kk, 5)
+    assert np.allclose(vals.numpy(), ref_v, atol=1e-12, rtol=0)
+
+
 @needs_numba
 def test_fused_kernel_refuses_what_it_cannot_run():
     Q, K, hh, qq, kk = _inputs(torch.float16)
