@@ -3,7 +3,7 @@
 Both sides are projected once for every position and head (``[head, pos, slot, d_head]``, i.e.
 memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, a chunk of
 query positions at a time, to ``qk_lens.topk_terms``, which keeps each pair's top-k terms while it
-multiplies (fused, with numba) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
+multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
 the output is pairs × (top_k + 1) rows.
 """
 

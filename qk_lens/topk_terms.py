@@ -2,40 +2,49 @@
 
 The table needs, for every pair, the ``top_k`` largest |k_a · q_b| among all Pk × Pq part
 products. ``torch.topk`` over every materialized term costs ≈ 3 ns per term on a 2-core CPU,
-several times the multiply. The fused path (numba, CPU) multiplies the keys of one (head, query)
-with one matmul, then per pair takes the column maxima of |term| (a vectorized pass), uses the
-k-th largest of them as a threshold that at least k terms reach, collects the few terms above it
-(≈ 40 of 4,500 at 67 × 67 parts) and sorts only those. Where numba is missing, or on other
-devices, the same selection runs with ``torch.topk`` in chunks. Both return the same terms (ties
-aside); ``tests/test_topk_terms.py`` checks them against a brute-force loop and each other.
+several times the multiply. The fused path is a small C kernel (``csrc/top_terms.c``) that keeps
+each 4 × 32 block of terms in registers, compares it with the pair's running k-th largest |term|
+in one vector instruction and heaps the few that beat it: no term reaches memory. It is compiled
+once per machine with the system C compiler (``cc -O3 -march=native``) into
+``~/.cache/qk_lens`` (``QK_LENS_CACHE``), and used for float32 CPU tensors; set
+``QK_LENS_NO_C=1`` to turn it off. Everywhere else the same selection runs with ``torch.topk``
+in chunks. Both return the same terms (ties aside); ``tests/test_topk_terms.py`` checks them
+against a brute-force loop and each other.
 """
 
 from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-try:  # optional accelerator: numba compiles the fused kernel
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
 # Elements of the per-chunk term tensor in the torch path: small enough to stay near the caches,
 # large enough that the batched matmul runs near full speed.
 _CHUNK_ELEMENTS = 8_000_000
 
 
+def backend(t: Tensor) -> str:
+    """Which path ``top_terms`` takes for tensors like ``t``: 'c' (the fused kernel) or 'torch'."""
+    return "c" if fused_available(t) else "torch"
+
+
 def fused_available(t: Tensor) -> bool:
-    return (
-        numba is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-    )
+    return t.device.type == "cpu" and t.dtype == torch.float32 and _c_library() is not None
 
 
 def top_terms(
-    Q: Float[Tensor, "head pos q_slot d_head"],
-    K: Float[Tensor, "head pos k_slot d_head"],
+    Q: Float[Tensor, "head pos_q q_slot d_head"],
+    K: Float[Tensor, "head pos_k k_slot d_head"],
     hh: Int[Tensor, " pair"],
     qq: Int[Tensor, " pair"],
     kk: Int[Tensor, " pair"],
@@ -43,19 +52,20 @@ def top_terms(
     fused: bool | None = None,
 ) -> tuple[Float[Tensor, "pair top"], Int[Tensor, "pair top"]]:
     """For each pair p, the ``top_k`` terms ``K[hh, kk, a] · Q[hh, qq, b]`` of largest |value|,
-    sorted by |value| descending, and their flat part index ``a * q_slots + b``."""
+    sorted by |value| descending, and their flat part index ``a * q_slots + b``.
+    ``fused``: None picks the fused kernel where it runs; True insists on it; False uses torch."""
     n_slots = Q.shape[2] * K.shape[2]
     top_k = min(top_k, n_slots)
     if fused is None:
         fused = fused_available(Q)
+    if fused and not fused_available(Q):
+        raise ValueError(
+            f"the fused kernel needs float32 CPU tensors (got {Q.dtype} on {Q.device}) and a C"
+            " compiler (cc/gcc on PATH, or CC); use fused=None to fall back to torch"
+        )
     if len(hh) == 0:
         return Q.new_zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.long)
-    if fused:
-        if not fused_available(Q):
-            raise ValueError("the fused kernel needs numba and float32/float64 CPU tensors")
-        vals, idx = _fused(Q, K, hh, qq, kk, top_k)
-    else:
-        vals, idx = _chunked(Q, K, hh, qq, kk, top_k)
+    vals, idx = (_fused if fused else _chunked)(Q, K, hh, qq, kk, top_k)
     order = vals.abs().argsort(dim=-1, descending=True, stable=True)
     return vals.gather(-1, order), idx.gather(-1, order)
 
@@ -84,86 +94,99 @@ def _chunked(Q, K, hh, qq, kk, top_k):
     return vals, idx
 
 
+# ------------------------------------------------------------------ the fused C kernel
+_C_SOURCE = Path(__file__).parent / "csrc" / "top_terms.c"
+_C_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_C_LIB: object = None  # None: not tried yet; False: unavailable
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code must not be reused on another kind of CPU (a shared home directory)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _c_library():
+    """The compiled kernel, built once per machine into the cache (``QK_LENS_CACHE`` or
+    ``~/.cache/qk_lens``) with the system C compiler; None where there is none or it fails."""
+    global _C_LIB
+    if _C_LIB is None:
+        _C_LIB = _build_c_library() or False
+    return _C_LIB or None
+
+
+def _build_c_library():
+    if os.environ.get("QK_LENS_NO_C"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None or not _C_SOURCE.exists():
+        return None
+    key = hashlib.sha256(
+        b"|".join([_C_SOURCE.read_bytes(), " ".join([cc, *_C_FLAGS]).encode(),
+                   _cpu_fingerprint().encode()])
+    ).hexdigest()[:16]  # fmt: skip
+    cache = Path(os.environ.get("QK_LENS_CACHE", Path.home() / ".cache" / "qk_lens"))
+    lib = cache / f"top_terms_{key}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+            done = subprocess.run(
+                [cc, *_C_FLAGS, "-o", str(tmp), str(_C_SOURCE)], capture_output=True, timeout=120
+            )
+            if done.returncode != 0:
+                return None
+            os.replace(tmp, lib)
+        dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    f, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+    fn = dll.qk_top_terms_f32
+    fn.argtypes = [f, f, f, i64, i64, i64, i64] + [ctypes.c_int64] * 9 + [f, i64, f]
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+_BLOCK_COLUMNS = 32  # CB in the C source: query parts are padded to a multiple of it
+
+
 def _fused(Q, K, hh, qq, kk, top_k):
-    kernel = _compiled()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    Pq, Pk = Q.shape[2], K.shape[2]
-    # pairs sharing a (head, query) go together: one matmul gives all their terms
-    group = hh * Q.shape[1] + qq
-    order = torch.argsort(group, stable=True)
-    h_o, q_o, k_o = hh[order], qq[order], kk[order]
-    ends = torch.cumsum(torch.bincount(group[order]), 0)
-    ends = torch.unique_consecutive(ends[ends > 0]).tolist()
-    spans = list(zip([0, *ends[:-1]], ends, strict=True))
-    vals = torch.empty(len(hh), top_k, dtype=Q.dtype).numpy()
-    idx = np.empty((len(hh), top_k), dtype=np.int64)
-    buf = torch.empty(max(b - a for a, b in spans) * Pk * Pq, dtype=Q.dtype)
-    for a, b in spans:
-        h, q = int(h_o[a]), int(q_o[a])
-        k_first = int(k_o[a])
-        if torch.equal(k_o[a:b], torch.arange(k_first, k_first + b - a)):
-            # a run of keys (the usual case): a view, no copy
-            keys = K[h, k_first : k_first + b - a].reshape(-1, K.shape[3])  # [n·Pk, d]
-        else:
-            keys = K[h, k_o[a:b]].reshape(-1, K.shape[3])
-        terms = buf[: (b - a) * Pk * Pq].view(-1, Pq)
-        torch.matmul(keys, Q[h, q].T, out=terms)  # [n·Pk, Pq]: each pair's block contiguous
-        kernel(terms.view(b - a, Pk, Pq).numpy(), vals[a:b], idx[a:b])
+    fn = _c_library()
+    _, Tq, Pq, d = Q.shape
+    Tk, Pk = K.shape[1], K.shape[2]
+    Pqp = -(-Pq // _BLOCK_COLUMNS) * _BLOCK_COLUMNS
+    Qt = torch.zeros(Q.shape[0], Tq, d, Pqp, dtype=torch.float32)
+    Qt[..., :Pq] = Q.transpose(-1, -2)
+    Qt = Qt.numpy()
+    Kc = K.contiguous().numpy()
+    zero = np.zeros(d, dtype=np.float32)
+    # largest key parts first: the running k-th largest |term| rises early (see the C source)
+    rows = torch.argsort(K.norm(dim=-1), dim=-1, descending=True).contiguous().numpy()
+    # pairs sharing a (head, query) run back to back, so that query's parts stay in cache
+    order = torch.argsort(hh * Tq + qq, stable=True)
+    h, q, k = (np.ascontiguousarray(x[order].numpy(), dtype=np.int64) for x in (hh, qq, kk))
+    n = len(h)
+    vals = np.empty((n, top_k), dtype=np.float32)
+    idx = np.empty((n, top_k), dtype=np.int64)
+    fp, ip = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+    args = [a.ctypes.data_as(fp) for a in (Qt, Kc, zero)]
+    args += [a.ctypes.data_as(ip) for a in (rows, h, q, k)]
+    out = [vals.ctypes.data_as(fp), idx.ctypes.data_as(ip)]
+
+    def run(span: tuple[int, int]) -> None:
+        scratch = np.empty(top_k, dtype=np.float32)
+        fn(*args, span[0], span[1], Tq, Tk, Pk, Pq, Pqp, d, top_k, *out,
+           scratch.ctypes.data_as(fp))  # fmt: skip
+
+    threads = max(1, torch.get_num_threads())
+    bounds = np.linspace(0, n, 8 * threads + 1).astype(np.int64)
+    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    # ctypes releases the GIL during the call, so the threads run the kernel in parallel
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, spans))
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
+    inverse[order] = torch.arange(n)
     return torch.from_numpy(vals)[inverse], torch.from_numpy(idx)[inverse]
-
-
-_KERNEL = None
-
-
-def _compiled():
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = numba.njit(parallel=True, fastmath=True, cache=True)(_select_py)
-    return _KERNEL
-
-
-def _select_py(terms, out_vals, out_idx):  # pragma: no cover - compiled by numba
-    """Top-k by |value| of each pair's [Pk, Pq] block, in passes that vectorize or stay short:
-    (1) column maxima of |term| (elementwise across rows, no reduction chain); (2) t = the k-th
-    largest of them, ≤ the k-th largest term; (3) collect the few terms ≥ t (≈ 40 of 4,500 at
-    67 × 67 parts), 16 at a time behind a vectorized count; (4) sort just those."""
-    n, Pk, Pq = terms.shape
-    top_k = out_vals.shape[1]
-    for p in numba.prange(n):
-        x = terms[p]
-        colmax = np.zeros(Pq, dtype=terms.dtype)
-        for a in range(Pk):
-            for b in range(Pq):
-                colmax[b] = max(colmax[b], abs(x[a, b]))
-        # the k-th largest column maximum: k distinct terms reach it, so it is ≤ the k-th
-        # largest term, and few terms lie above it
-        t = np.sort(colmax)[Pq - top_k] if top_k <= Pq else colmax[0] * 0
-        flat = x.reshape(Pk * Pq)
-        S = flat.size
-        cand = np.empty(S, dtype=np.int64)
-        c = 0
-        nb = S // 16
-        for blk in range(nb):
-            hits = 0
-            for j in range(16):
-                hits += abs(flat[blk * 16 + j]) >= t
-            if hits:
-                for j in range(blk * 16, blk * 16 + 16):
-                    if abs(flat[j]) >= t:
-                        cand[c] = j
-                        c += 1
-        for j in range(nb * 16, S):
-            if abs(flat[j]) >= t:
-                cand[c] = j
-                c += 1
-        # top_k of the c ≥ top_k candidates (c < top_k only when there are fewer terms than k)
-        mags = np.empty(c, dtype=terms.dtype)
-        for i in range(c):
-            mags[i] = -abs(flat[cand[i]])
-        best = np.argsort(mags, kind="mergesort")
-        for i in range(top_k):
-            j = cand[best[i]]
-            out_vals[p, i] = flat[j]
-            out_idx[p, i] = j

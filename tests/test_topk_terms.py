@@ -10,7 +10,9 @@ import qk_lens.topk_terms as tt
 from tests.archs import make_model, make_tokens
 from tests.saes import make_sae
 
-needs_numba = pytest.mark.skipif(tt.numba is None, reason="numba is not installed")
+needs_c = pytest.mark.skipif(
+    not tt.fused_available(torch.zeros(1)), reason="no C compiler: the fused kernel is unavailable"
+)
 
 
 def _inputs(dtype, seed=0, n_h=3, T=9, Pq=7, Pk=5, d=6):
@@ -37,10 +39,12 @@ def _reference(Q, K, hh, qq, kk, top_k):
     return np.array(out_v), np.array(out_i)
 
 
-@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_numba), False])
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_c), False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("top_k", [1, 4, 35, 100])
 def test_top_terms_match_brute_force(fused, dtype, top_k):
+    if fused and dtype != torch.float32:
+        pytest.skip("the fused kernel is float32")
     Q, K, hh, qq, kk = _inputs(dtype)
     vals, idx = tt.top_terms(Q, K, hh, qq, kk, top_k, fused=fused)
     ref_v, ref_i = _reference(Q, K, hh, qq, kk, top_k)
@@ -52,10 +56,10 @@ def test_top_terms_match_brute_force(fused, dtype, top_k):
     assert (idx.numpy()[distinct] == ref_i[distinct]).all()
 
 
-@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_numba), False])
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_c), False])
 def test_top_terms_any_pair_order_and_repeats(fused):
     """Pairs in any order, repeated, with gaps between keys: each row still answers its pair."""
-    Q, K, hh, qq, kk = _inputs(torch.float64, seed=1)
+    Q, K, hh, qq, kk = _inputs(torch.float32, seed=1)
     g = torch.Generator().manual_seed(2)
     pick = torch.randint(0, len(hh), (60,), generator=g)
     pick = torch.cat([pick, pick[:7]])  # repeats
@@ -66,30 +70,45 @@ def test_top_terms_any_pair_order_and_repeats(fused):
     kk = torch.cat([kk, torch.tensor([3, 3, 5])])
     vals, idx = tt.top_terms(Q, K, hh, qq, kk, 5, fused=fused)
     ref_v, _ = _reference(Q, K, hh, qq, kk, 5)
-    assert np.allclose(vals.numpy(), ref_v, atol=1e-12, rtol=0)
+    assert np.allclose(vals.numpy(), ref_v, atol=1e-5, rtol=0)
 
 
-@needs_numba
+@needs_c
 def test_fused_kernel_refuses_what_it_cannot_run():
-    Q, K, hh, qq, kk = _inputs(torch.float16)
-    with pytest.raises(ValueError, match="needs numba and float32/float64 CPU tensors"):
+    Q, K, hh, qq, kk = _inputs(torch.float64)
+    with pytest.raises(ValueError, match="needs float32 CPU tensors \\(got torch.float64"):
         tt.top_terms(Q, K, hh, qq, kk, 3, fused=True)
     vals, _ = tt.top_terms(Q, K, hh, qq, kk, 3)  # falls back to torch
-    assert vals.dtype == torch.float16
+    assert vals.dtype == torch.float64
 
 
-@needs_numba
+def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(tt, "_C_LIB", None)
+    monkeypatch.setenv("QK_LENS_NO_C", "1")
+    Q, K, hh, qq, kk = _inputs(torch.float32)
+    assert tt.backend(Q) == "torch"
+    with pytest.raises(ValueError, match="and a C compiler"):
+        tt.top_terms(Q, K, hh, qq, kk, 3, fused=True)
+    monkeypatch.delenv("QK_LENS_NO_C")
+    monkeypatch.setattr(tt, "_C_LIB", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert tt.backend(Q) == "torch"  # a compiler that fails to run: no kernel, no crash
+    monkeypatch.setattr(tt, "_C_LIB", None)  # let later tests build the real one
+
+
+@needs_c
 @pytest.mark.parametrize("arch", ["gpt2", "alibi"])
 def test_table_same_with_and_without_the_kernel(arch, monkeypatch):
-    model = qk_lens.attach(make_model(arch))
+    model = qk_lens.attach(make_model(arch, dtype=torch.float32))
     layer = model.cfg.n_layers - 1
     d = model.cfg.d_model
     model.add_dictionary(make_sae("topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=d, d_sae=90))
     tokens = make_tokens(model, 12)[0]
+    assert tt.backend(torch.zeros(1)) == "c"
     fused = model.qk_attribution_table(tokens, layer, top_k=7)
-    monkeypatch.setattr(tt, "numba", None)
+    monkeypatch.setattr(tt, "_C_LIB", False)
     plain = model.qk_attribution_table(tokens, layer, top_k=7)
     pd.testing.assert_frame_equal(
         fused.drop(columns="term"), plain.drop(columns="term"), check_exact=True
     )
-    assert np.allclose(fused.term, plain.term, atol=1e-9, rtol=0)
+    assert np.allclose(fused.term, plain.term, atol=1e-4, rtol=0)
