@@ -145,7 +145,7 @@ def _build_c_library():
         return None
     f, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
     fn = dll.qk_top_terms_f32
-    fn.argtypes = [f, f, f, i64, i64, i64, i64] + [ctypes.c_int64] * 9 + [f, i64, f]
+    fn.argtypes = [f, f, f, i64, i64, i64, i64] + [ctypes.c_int64] * 9 + [f, i64]
     fn.restype = ctypes.c_int64
     return fn
 
@@ -176,17 +176,17 @@ def _fused(Q, K, hh, qq, kk, top_k):
     args += [a.ctypes.data_as(ip) for a in (rows, h, q, k)]
     out = [vals.ctypes.data_as(fp), idx.ctypes.data_as(ip)]
 
-    def run(span: tuple[int, int]) -> None:
-        scratch = np.empty(top_k, dtype=np.float32)
-        fn(*args, span[0], span[1], Tq, Tk, Pk, Pq, Pqp, d, top_k, *out,
-           scratch.ctypes.data_as(fp))  # fmt: skip
+    def run(span: tuple[int, int]) -> int:
+        return fn(*args, span[0], span[1], Tq, Tk, Pk, Pq, Pqp, d, top_k, *out)
 
     threads = max(1, torch.get_num_threads())
     bounds = np.linspace(0, n, 8 * threads + 1).astype(np.int64)
     spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     # ctypes releases the GIL during the call, so the threads run the kernel in parallel
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, spans))
+        done = list(pool.map(run, spans))
+    if min(done) < 0:
+        raise MemoryError(f"the top-k kernel could not allocate its buffers (top_k={top_k})")
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n)
     return torch.from_numpy(vals)[inverse], torch.from_numpy(idx)[inverse]

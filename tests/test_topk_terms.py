@@ -73,6 +73,27 @@ def test_top_terms_any_pair_order_and_repeats(fused):
     assert np.allclose(vals.numpy(), ref_v, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_c), False])
+@pytest.mark.parametrize("top_k", [1, 3, 40])
+def test_top_terms_with_many_ties(fused, top_k):
+    """Small-integer parts: hundreds of equal |terms|, so the k-th value is tied many times and
+    the kernel's buffer is cut back (at 4·k plus a block) several times per pair."""
+    g = torch.Generator().manual_seed(5)
+    Q = torch.randint(-2, 3, (2, 5, 21, 3), generator=g).float()
+    K = torch.randint(-2, 3, (2, 5, 19, 3), generator=g).float()
+    hh, qq, kk = torch.nonzero(torch.ones(2, 5, 5, dtype=torch.bool), as_tuple=True)
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, top_k, fused=fused)
+    ref_v, _ = _reference(Q, K, hh, qq, kk, top_k)
+    assert np.array_equal(np.abs(vals.numpy()), np.abs(ref_v))  # the same magnitudes, in order
+    # every index names a real term with that value
+    a, b = idx // 21, idx % 21
+    for p in range(len(hh)):
+        h, q, k = int(hh[p]), int(qq[p]), int(kk[p])
+        recomputed = (K[h, k, a[p]] * Q[h, q, b[p]]).sum(-1)
+        assert torch.equal(recomputed, vals[p])
+        assert len(set(idx[p].tolist())) == top_k  # no term listed twice
+
+
 @needs_c
 def test_fused_kernel_refuses_what_it_cannot_run():
     Q, K, hh, qq, kk = _inputs(torch.float64)

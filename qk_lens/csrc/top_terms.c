@@ -3,14 +3,16 @@
  * For pair p the terms are K[h,k,a,:] . Q[h,q,b,:] for every key part a and query part b. A
  * 4-row x 32-column block of terms is accumulated in registers (GCC vector extensions: AVX-512,
  * AVX2 or SSE, whatever -march=native gives), then checked against the pair's running k-th
- * largest |term| with one vector compare; the few terms above it go into a k-entry min-heap.
- * Key parts are visited largest-norm first (row_order), so the heap's minimum rises early and
+ * largest |term| with one vector compare; the few terms above it are appended to a small buffer
+ * which, when full, is cut back to its top k by quickselect (raising the threshold).
+ * Key parts are visited largest-norm first (row_order), so the threshold rises early and
  * later blocks are mostly rejected by the vector compare. Terms never go to memory beyond one
  * block. Built and loaded by qk_lens/topk_terms.py.
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -19,51 +21,64 @@ typedef float v16 __attribute__((vector_size(64)));
 #define RB 4
 #define CB 32
 
-static void heap_push(float *ha, float *hv, int64_t *hi, int64_t *m, int64_t k, float v,
-                      int64_t id) {
-    float av = fabsf(v);
-    int64_t i;
-    if (*m < k) {
-        i = (*m)++;
-        while (i > 0) {
-            int64_t par = (i - 1) / 2;
-            if (ha[par] <= av) break;
-            ha[i] = ha[par]; hv[i] = hv[par]; hi[i] = hi[par];
-            i = par;
+/* The k-th largest of a[0..n) (0 < k <= n); reorders a. Quickselect, Hoare partition. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
         }
-    } else {
-        if (!(av > ha[0])) return;
-        i = 0;
-        for (;;) {
-            int64_t c = 2 * i + 1;
-            if (c >= k) break;
-            if (c + 1 < k && ha[c + 1] < ha[c]) c++;
-            if (ha[c] >= av) break;
-            ha[i] = ha[c]; hv[i] = hv[c]; hi[i] = hi[c];
-            i = c;
-        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
     }
-    ha[i] = av; hv[i] = v; hi[i] = id;
+    return a[want];
+}
+
+/* Keep the k entries of largest |value| among the n > k candidates (ties at the k-th value
+ * resolved by order); returns the k-th largest |value|: no later term at or below it can enter. */
+static float compact(float *bv, int64_t *bi, int64_t n, int64_t k, float *scratch, float *tv,
+                     int64_t *ti) {
+    for (int64_t i = 0; i < n; i++) scratch[i] = fabsf(bv[i]);
+    float kth = kth_largest(scratch, n, k);
+    int64_t w = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (fabsf(bv[i]) > kth) { tv[w] = bv[i]; ti[w] = bi[i]; w++; }
+    for (int64_t i = 0; i < n && w < k; i++)
+        if (fabsf(bv[i]) == kth) { tv[w] = bv[i]; ti[w] = bi[i]; w++; }
+    memcpy(bv, tv, (size_t)w * sizeof(float));
+    memcpy(bi, ti, (size_t)w * sizeof(int64_t));
+    return kth;
 }
 
 /* Qt: [H, T, d, Pqp] query parts transposed, Pqp a multiple of CB, padding columns zero.
  * K:  [H, Tk, Pk, d] key parts; zero: d zeros (stands in for the rows past Pk).
  * row_order: [H, Tk, Pk] the key parts of each (head, key) by decreasing norm.
- * Pairs [p0, p1) of hh/qq/kk; out_vals/out_idx: [n_pairs, top_k]; heap_abs: [top_k] scratch.
- * Flat index of a term: a * Pq + b (unpadded). Returns the number of pairs done. */
+ * Pairs [p0, p1) of hh/qq/kk; out_vals/out_idx: [n_pairs, top_k] (unsorted within a pair).
+ * Flat index of a term: a * Pq + b (unpadded). Returns the number of pairs done, -1 when out of
+ * memory. */
 int64_t qk_top_terms_f32(const float *Qt, const float *K, const float *zero,
                          const int64_t *row_order, const int64_t *hh,
                          const int64_t *qq, const int64_t *kk, int64_t p0, int64_t p1,
                          int64_t Tq, int64_t Tk, int64_t Pk, int64_t Pq, int64_t Pqp, int64_t d,
-                         int64_t top_k, float *out_vals, int64_t *out_idx, float *heap_abs) {
+                         int64_t top_k, float *out_vals, int64_t *out_idx) {
     float blk[RB][CB] __attribute__((aligned(64)));
+    int64_t cap = 4 * top_k + RB * CB + 1;  /* one more block after it fills, + 1 spare write */
+    float *bv = malloc((size_t)cap * 3 * sizeof(float));
+    int64_t *bi = malloc((size_t)cap * 2 * sizeof(int64_t));
+    if (!bv || !bi) { free(bv); free(bi); return -1; }
+    float *scratch = bv + cap, *tv = bv + 2 * cap;
+    int64_t *ti = bi + cap;
     for (int64_t p = p0; p < p1; p++) {
         const float *Q = Qt + (hh[p] * Tq + qq[p]) * d * Pqp;
         const float *Kp = K + (hh[p] * Tk + kk[p]) * Pk * d;
         const int64_t *ro = row_order + (hh[p] * Tk + kk[p]) * Pk;
-        float *hv = out_vals + p * top_k;
-        int64_t *hi = out_idx + p * top_k;
-        int64_t m = 0;
+        int64_t n = 0;
+        float thr = -1.0f;  /* terms with |value| > thr may be in the top k */
         for (int64_t a0 = 0; a0 < Pk; a0 += RB) {
             const float *k0 = Kp + ro[a0] * d;
             const float *k1 = a0 + 1 < Pk ? Kp + ro[a0 + 1] * d : zero;
@@ -111,18 +126,26 @@ int64_t qk_top_terms_f32(const float *Qt, const float *K, const float *zero,
                 int64_t rows = Pk - a0 < RB ? Pk - a0 : RB;
                 int64_t cols = Pq - b0 < CB ? Pq - b0 : CB;
                 for (int64_t r = 0; r < rows; r++) {
-                    if (m >= top_k) {  /* full heap: one vector pass decides if any term beats it */
-                        float t = heap_abs[0];
-                        int hits = 0;
-                        for (int c = 0; c < CB; c++) hits |= fabsf(blk[r][c]) > t;
-                        if (!hits) continue;
+                    int hits = 0;
+                    for (int c = 0; c < CB; c++) hits |= fabsf(blk[r][c]) > thr;
+                    if (!hits) continue;
+                    int64_t base = ro[a0 + r] * Pq + b0;
+                    for (int64_t c = 0; c < cols; c++) {  /* branch-free: always write, */
+                        bv[n] = blk[r][c];                  /* advance only on a keeper   */
+                        bi[n] = base + c;
+                        n += fabsf(blk[r][c]) > thr;
                     }
-                    for (int64_t c = 0; c < cols; c++)
-                        heap_push(heap_abs, hv, hi, &m, top_k, blk[r][c], ro[a0 + r] * Pq + b0 + c);
                 }
+                if (n > 4 * top_k) thr = compact(bv, bi, n, top_k, scratch, tv, ti), n = top_k;
             }
         }
-        for (int64_t i = m; i < top_k; i++) { hv[i] = 0.0f; hi[i] = -1; }
+        if (n > top_k) compact(bv, bi, n, top_k, scratch, tv, ti), n = top_k;
+        for (int64_t i = 0; i < top_k; i++) {
+            out_vals[p * top_k + i] = i < n ? bv[i] : 0.0f;
+            out_idx[p * top_k + i] = i < n ? bi[i] : -1;
+        }
     }
+    free(bv);
+    free(bi);
     return p1 - p0;
 }
