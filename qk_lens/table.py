@@ -52,7 +52,6 @@ def attribution_table(
     key_basis: Any,
     chunk_size: int | None = None,
     progress: bool = False,
-    fused: bool | None = None,
 ) -> pd.DataFrame:
     T = cap.n_tokens
     positions = torch.arange(T)
@@ -83,7 +82,7 @@ def attribution_table(
         qq, hh, kk = torch.nonzero(select[:, q0:q1].transpose(0, 1), as_tuple=True)
         if len(qq) == 0:
             continue
-        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff, fused=fused)
+        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff)
         vals_l.append(v)
         idx_l.append(i)
         pairs_l.append(torch.stack([hh, qq + q0, kk]))

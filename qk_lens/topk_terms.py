@@ -4,7 +4,8 @@ The table needs, for every pair, the ``top_k`` largest |k_a · q_b| among all Pk
 products. ``torch.topk`` over every materialized term costs ≈ 3 ns per term on a 2-core CPU,
 several times the multiply. The fused path is a small C kernel (``csrc/top_terms.c``) that keeps
 each 4 × 32 block of terms in registers, compares it with the pair's running k-th largest |term|
-in one vector instruction and heaps the few that beat it: no term reaches memory. It is compiled
+in one vector instruction and buffers the few that beat it, cutting the buffer back to k by
+quickselect when it fills: only candidates reach memory. It is compiled
 once per machine with the system C compiler (``cc -O3 -march=native``) into
 ``~/.cache/qk_lens`` (``QK_LENS_CACHE``), and used for float32 CPU tensors; set
 ``QK_LENS_NO_C=1`` to turn it off. Everywhere else the same selection runs with ``torch.topk``
@@ -138,6 +139,7 @@ def _build_c_library():
                 [cc, *_C_FLAGS, "-o", str(tmp), str(_C_SOURCE)], capture_output=True, timeout=120
             )
             if done.returncode != 0:
+                tmp.unlink(missing_ok=True)
                 return None
             os.replace(tmp, lib)
         dll = ctypes.CDLL(str(lib))
@@ -159,12 +161,12 @@ def _fused(Q, K, hh, qq, kk, top_k):
     Tk, Pk = K.shape[1], K.shape[2]
     Pqp = -(-Pq // _BLOCK_COLUMNS) * _BLOCK_COLUMNS
     Qt = torch.zeros(Q.shape[0], Tq, d, Pqp, dtype=torch.float32)
-    Qt[..., :Pq] = Q.transpose(-1, -2)
+    Qt[..., :Pq] = Q.detach().transpose(-1, -2)
     Qt = Qt.numpy()
-    Kc = K.contiguous().numpy()
+    Kc = K.detach().contiguous().numpy()
     zero = np.zeros(d, dtype=np.float32)
     # largest key parts first: the running k-th largest |term| rises early (see the C source)
-    rows = torch.argsort(K.norm(dim=-1), dim=-1, descending=True).contiguous().numpy()
+    rows = torch.argsort(K.detach().norm(dim=-1), dim=-1, descending=True).contiguous().numpy()
     # pairs sharing a (head, query) run back to back, so that query's parts stay in cache
     order = torch.argsort(hh * Tq + qq, stable=True)
     h, q, k = (np.ascontiguousarray(x[order].numpy(), dtype=np.int64) for x in (hh, qq, kk))

@@ -1,5 +1,7 @@
 """The fused top-k term kernel against a brute-force reference and against the torch path."""
 
+import platform
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,6 +94,22 @@ def test_top_terms_with_many_ties(fused, top_k):
         recomputed = (K[h, k, a[p]] * Q[h, q, b[p]]).sum(-1)
         assert torch.equal(recomputed, vals[p])
         assert len(set(idx[p].tolist())) == top_k  # no term listed twice
+
+
+@needs_c
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="-mno-avx512f is an x86 flag")
+def test_portable_kernel_branch(monkeypatch, tmp_path):
+    """The kernel built without AVX-512 (GCC vector extensions) selects the same terms."""
+    monkeypatch.setattr(tt, "_C_FLAGS", [*tt._C_FLAGS, "-mno-avx512f"])
+    monkeypatch.setenv("QK_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(tt, "_C_LIB", None)
+    Q, K, hh, qq, kk = _inputs(torch.float32, Pq=40, Pk=9)  # two column blocks, a partial one
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, 6, fused=True)
+    assert len(list(tmp_path.glob("top_terms_*.so"))) == 1  # built here, with the extra flag
+    ref_v, ref_i = _reference(Q, K, hh, qq, kk, 6)
+    assert np.allclose(vals.numpy(), ref_v, atol=1e-5, rtol=0)
+    distinct = np.abs(ref_v) > 1e-9
+    assert (idx.numpy()[distinct] == ref_i[distinct]).all()
 
 
 @needs_c

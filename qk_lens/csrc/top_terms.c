@@ -1,8 +1,9 @@
 /* Top-k QK terms per (head, query, key) pair, selected while they are multiplied (float32).
  *
  * For pair p the terms are K[h,k,a,:] . Q[h,q,b,:] for every key part a and query part b. A
- * 4-row x 32-column block of terms is accumulated in registers (GCC vector extensions: AVX-512,
- * AVX2 or SSE, whatever -march=native gives), then checked against the pair's running k-th
+ * 4-row x 32-column block of terms is accumulated in registers (AVX-512 intrinsics where the
+ * compiler targets AVX-512, else GCC vector extensions lowered to AVX2/SSE), then checked against
+ * the pair's running k-th
  * largest |term| with one vector compare; the few terms above it are appended to a small buffer
  * which, when full, is cut back to its top k by quickselect (raising the threshold).
  * Key parts are visited largest-norm first (row_order), so the threshold rises early and
@@ -55,7 +56,7 @@ static float compact(float *bv, int64_t *bi, int64_t n, int64_t k, float *scratc
     return kth;
 }
 
-/* Qt: [H, T, d, Pqp] query parts transposed, Pqp a multiple of CB, padding columns zero.
+/* Qt: [H, Tq, d, Pqp] query parts transposed, Pqp a multiple of CB, padding columns zero.
  * K:  [H, Tk, Pk, d] key parts; zero: d zeros (stands in for the rows past Pk).
  * row_order: [H, Tk, Pk] the key parts of each (head, key) by decreasing norm.
  * Pairs [p0, p1) of hh/qq/kk; out_vals/out_idx: [n_pairs, top_k] (unsorted within a pair).
