@@ -8,11 +8,16 @@ needed is missing or the input is invalid.
 file (or ``--prompt``), written as one CSV / JSON Lines / Parquet table with a ``prompt`` column.
 Models: a bundled toy model or directory, or any TransformerLens name (downloaded) with SAELens
 SAEs (``--sae-release`` and ``--sae-id``). Exit status 0, or 2 on missing pieces / bad input.
+
+``qk-lens train`` (also ``python -m qk_lens.toy.train``): rebuild a bundled toy model, its SAEs
+and labels from nothing (``qk_lens.toy.train.build``), printing one JSON summary per stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,6 +162,48 @@ def _unknown_words(model, prompt: str) -> list[str]:
     return [w for w in prompt.split() if tok.convert_tokens_to_ids(w) == tok.unk_token_id]
 
 
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from qk_lens.toy.recipes import RECIPES
+    from qk_lens.toy.train import MODELS_DIR, STAGES, build
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        print(f"qk-lens train: unknown stages {unknown}; choose from {', '.join(STAGES)}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    if args.model == "all":  # every recipe in its own process, side by side
+        rest = ["--stages", ",".join(stages), "--probe-sequences", str(args.probe_sequences)]
+        for flag, value in (("--steps", args.steps), ("--sae-steps", args.sae_steps),
+                            ("--out", args.out), ("--seed", args.seed),
+                            ("--threads", args.threads)):  # fmt: skip
+            if value is not None:
+                rest += [flag, str(value)]
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "qk_lens.toy.train", "--model", name, *rest])
+            for name in sorted(RECIPES)
+        ]
+        return max(p.wait() for p in procs)
+    recipe = RECIPES[args.model]
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    # one thread by default: the results are bit-reproducible, and `--model all` runs the
+    # models side by side, one per core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        out = (args.out or MODELS_DIR) / recipe.name
+        for summary in build(recipe, out, stages, args.steps, args.sae_steps, args.probe_sequences):
+            print(json.dumps(summary), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qk_lens.toy import DEFAULT_MODEL, NAMES
 
@@ -219,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", default="qk_table.csv", help=f"output, one of {TABLE_FORMATS}")
     table.add_argument("--quiet", action="store_true", help="no progress bar")
     table.set_defaults(run=_table)
+
+    from qk_lens.toy.recipes import RECIPES
+
+    train = sub.add_parser(
+        "train",
+        help="rebuild a bundled toy model, its SAEs and labels from nothing",
+        description="Train a bundled toy model and its dictionaries (fixed seeds, one thread "
+        "each: bit-reproducible). Same as `python -m qk_lens.toy.train`.",
+    )
+    train.add_argument("--model", choices=[*sorted(RECIPES), "all"], default=DEFAULT_MODEL,
+                       help="'all' trains every bundled model at once, one process (and core) "
+                       "each")  # fmt: skip
+    train.add_argument("--stages", default="model,saes,labels",
+                       help="comma-separated: model, saes, labels")  # fmt: skip
+    train.add_argument("--steps", type=int, default=None, help="model training steps")
+    train.add_argument("--sae-steps", type=int, default=None, help="SAE training steps")
+    train.add_argument("--probe-sequences", type=int, default=512)
+    train.add_argument("--out", type=Path, default=None, help="default: the package's models/")
+    train.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    train.set_defaults(run=_train)
     return parser
 
 

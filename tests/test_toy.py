@@ -202,6 +202,17 @@ def test_training_script_runs_a_few_steps(tmp_path):
     attr.check()
 
 
+def test_unknown_training_stage(tmp_path, capsys):
+    from qk_lens.toy.recipes import RECIPES
+    from qk_lens.toy.train import build, main
+
+    with pytest.raises(ValueError, match=r"unknown stages \['sae'\]; choose from model, saes"):
+        next(build(RECIPES["attn2-ln"], tmp_path, ["sae"]))
+    assert main(["--stages", "model,sae", "--out", str(tmp_path)]) == 2
+    assert "unknown stages ['sae']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
 def test_training_script_all_models_side_by_side(tmp_path):
     """`--model all` trains every bundled model, each in its own process."""
     from qk_lens.toy.train import main

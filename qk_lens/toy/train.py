@@ -10,14 +10,11 @@ Everything is written to the model's directory (safetensors + JSON; SAEs in SAEL
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from qk_lens.labels import LabelSet
 from qk_lens.toy.data import RepeatSpec, repeated_batch
-from qk_lens.toy.recipes import RECIPES, Recipe
+from qk_lens.toy.recipes import Recipe
 from qk_lens.toy.tokenizer import BOS, SPECIALS, WORDS, build_tokenizer
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -296,66 +293,23 @@ def _update_config(directory: Path, **entries: Any) -> None:
 STAGES = ("model", "saes", "labels")
 
 
-def _train_all(argv: list[str]) -> int:
-    """Every recipe in its own process, concurrently (each trains on one thread)."""
-    rest, skip = [], False
-    for a in argv:  # drop '--model all' / '--model=all'
-        if skip:
-            skip = False
-        elif a == "--model":
-            skip = True
-        elif not a.startswith("--model="):
-            rest.append(a)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "qk_lens.toy.train", "--model", name, *rest])
-        for name in sorted(RECIPES)
-    ]
-    codes = [p.wait() for p in procs]
-    return max(codes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qk_lens.toy.train", description=__doc__)
-    parser.add_argument(
-        "--model",
-        choices=[*sorted(RECIPES), "all"],
-        default="attn2-ln",
-        help="'all' trains every bundled model at once, one process (and core) each",
-    )
-    parser.add_argument(
-        "--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES)
-    )
-    parser.add_argument("--steps", type=int, default=None, help="model training steps")
-    parser.add_argument("--sae-steps", type=int, default=None, help="SAE training steps")
-    parser.add_argument("--probe-sequences", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=None, help="default: the package's models/")
-    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    args = parser.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+def build(
+    recipe: Recipe,
+    out: Path,
+    stages: Iterable[str] = STAGES,
+    steps: int | None = None,
+    sae_steps: int | None = None,
+    probe_sequences: int = 512,
+) -> Iterator[dict[str, Any]]:
+    """Run ``stages`` of ``recipe`` into ``out`` (the model's directory), yielding each stage's
+    summary as it finishes (also recorded in ``out/config.json``)."""
+    stages = list(stages)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    if args.model == "all":
-        return _train_all(argv if argv is not None else sys.argv[1:])
-    # one thread by default: the results are bit-reproducible, and `--model all` runs the
-    # models side by side, one per core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or 1)
-    try:
-        return _run(args, stages)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(args: argparse.Namespace, stages: list[str]) -> int:
-    recipe = RECIPES[args.model]
-    if args.seed is not None:
-        recipe = dataclasses.replace(recipe, seed=args.seed)
-    out = (args.out or MODELS_DIR) / recipe.name
+        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     if "model" in stages:
         t0 = time.perf_counter()
-        model, losses = train_model(recipe, steps=args.steps)
+        model, losses = train_model(recipe, steps=steps)
         seconds = time.perf_counter() - t0
         metrics = evaluate_model(model)
         training = {
@@ -365,26 +319,32 @@ def _run(args: argparse.Namespace, stages: list[str]) -> int:
             "torch": torch.__version__,
         }
         save_model(model, recipe, out, {"training": training, "metrics": metrics})
-        print(json.dumps({"training": training, "metrics": metrics}))
+        yield {"training": training, "metrics": metrics}
     if "saes" in stages:
         from qk_lens.toy import load_model
 
         model = load_model(out, dictionaries=False)
-        figures = train_saes(model, recipe, out, steps=args.sae_steps)
+        figures = train_saes(model, recipe, out, steps=sae_steps)
         _update_config(out, saes=figures)
-        print(json.dumps({"saes": figures}))
+        yield {"saes": figures}
     if "labels" in stages:
         from qk_lens.toy import LABELS_FILE, load_model
 
         model = load_model(out)
-        label_sets = label_saes(model, recipe, n_sequences=args.probe_sequences)
+        label_sets = label_saes(model, recipe, n_sequences=probe_sequences)
         summary = {}
         for hook, labels in label_sets.items():
             labels.save(out / "saes" / hook / LABELS_FILE)
             summary[hook] = labels.frame()["kind"].value_counts().to_dict()
         _update_config(out, labels=summary)
-        print(json.dumps({"labels": summary}))
-    return 0
+        yield {"labels": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qk_lens.toy.train ...`` is ``qk-lens train ...`` (see ``qk_lens.cli``)."""
+    from qk_lens.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
