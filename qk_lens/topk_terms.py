@@ -55,6 +55,17 @@ def top_terms(
     """For each pair p, the ``top_k`` terms ``K[hh, kk, a] · Q[hh, qq, b]`` of largest |value|,
     sorted by |value| descending, and their flat part index ``a * q_slots + b``.
     ``fused``: None picks the fused kernel where it runs; True insists on it; False uses torch."""
+    if Q.ndim != 4 or K.ndim != 4 or Q.shape[0] != K.shape[0] or Q.shape[3] != K.shape[3]:
+        raise ValueError(
+            f"Q {tuple(Q.shape)} and K {tuple(K.shape)} must be [head, pos, slot, d_head] with the"
+            " same heads and d_head"
+        )
+    if not len(hh) == len(qq) == len(kk):
+        raise ValueError(f"hh, qq, kk have lengths {len(hh)}, {len(qq)}, {len(kk)}; need one each")
+    # the C kernel indexes raw memory: an index out of range must stop here
+    for name, x, n in (("hh", hh, Q.shape[0]), ("qq", qq, Q.shape[1]), ("kk", kk, K.shape[1])):
+        if len(x) and (int(x.min()) < 0 or int(x.max()) >= n):
+            raise ValueError(f"{name} must lie in 0..{n - 1}; got {int(x.min())}..{int(x.max())}")
     n_slots = Q.shape[2] * K.shape[2]
     top_k = min(top_k, n_slots)
     if fused is None:

@@ -112,6 +112,16 @@ def test_portable_kernel_branch(monkeypatch, tmp_path):
     assert (idx.numpy()[distinct] == ref_i[distinct]).all()
 
 
+def test_top_terms_bad_input():
+    Q, K, hh, qq, kk = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="must be .head, pos, slot, d_head. with the same heads"):
+        tt.top_terms(Q, K[..., :-1], hh, qq, kk, 3)
+    with pytest.raises(ValueError, match="kk must lie in 0..8; got 0..9"):
+        tt.top_terms(Q, K, hh, qq, torch.where(kk == kk.max(), 9, kk), 3)
+    with pytest.raises(ValueError, match="need one each"):
+        tt.top_terms(Q, K, hh, qq[:-1], kk, 3)
+
+
 @needs_c
 def test_fused_kernel_refuses_what_it_cannot_run():
     Q, K, hh, qq, kk = _inputs(torch.float64)
