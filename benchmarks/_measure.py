@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ class PeakRSS:
     """
 
     def __enter__(self) -> PeakRSS:
+        _release_free_memory()
         self.proc = psutil.Process()
         self.start = self.peak = self.proc.memory_info().rss
         self._stop = threading.Event()
@@ -50,3 +53,13 @@ class PeakRSS:
     @property
     def delta_mib(self) -> float:
         return self.extra / 2**20
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that a block's peak RSS counts what it
+    allocates rather than what earlier work freed and the allocator kept for reuse."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

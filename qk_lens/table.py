@@ -76,13 +76,16 @@ def attribution_table(
         chunk_size = max(1, -(-T // _CHUNKS))
 
     vals_l, idx_l, pairs_l = [], [], []
+    multiplied = 0.0  # pairs' worth of term products the selection actually computed
     for q0 in tqdm(range(0, T, chunk_size), disable=not progress, desc=f"L{qk.layer} QK table"):
         q1 = min(T, q0 + chunk_size)
         # (q, head, k) order: nonzero over the [q, head, k] view
         qq, hh, kk = torch.nonzero(select[:, q0:q1].transpose(0, 1), as_tuple=True)
         if len(qq) == 0:
             continue
-        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff)
+        stats: dict = {}
+        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff, stats=stats)
+        multiplied += stats["fraction_multiplied"] * len(hh)
         vals_l.append(v)
         idx_l.append(i)
         pairs_l.append(torch.stack([hh, qq + q0, kk]))
@@ -122,27 +125,35 @@ def attribution_table(
     ki = listed(torch.cat([ki, codes], 1))
     qi = np.where(qi >= 0, qi, n_qm - 1 - qi)
     ki = np.where(ki >= 0, ki, n_km - 1 - ki)
-    frame = pd.DataFrame(
+    columns = {
+        "layer": np.full(len(qi), qk.layer),
+        "head": per_row(torch.tensor(heads)[hh]),
+        "q_pos": per_row(qq),
+        "k_pos": per_row(kk),
+        "prob": per_row(pattern[hh, qq, kk].to(torch.float64)),
+        "score": per_row(totals[hh, qq, kk].to(torch.float64)),
+        "model_score": per_row(final[hh, qq, kk].to(torch.float64)),
+        "rank": listed(torch.cat([rank, codes], 1)),
+        "q_kind": _categorical(q_meta, "kind", qi),
+        "q_feature": q_meta["feature"][qi],
+        "q_label": _categorical(q_meta, "label", qi),
+        "k_kind": _categorical(k_meta, "kind", ki),
+        "k_part_pos": k_meta["position"][ki],
+        "k_feature": k_meta["feature"][ki],
+        "k_label": _categorical(k_meta, "label", ki),
+        "term": listed(torch.cat([vals, torch.stack(extra_vals, 1)], 1)).astype(np.float64),
+    }
+    # Side by side without consolidating same-dtype columns into 2-D blocks (a copy of every
+    # column, as long as everything else the table does).
+    frame = pd.concat([pd.Series(v, name=c, copy=False) for c, v in columns.items()], axis=1)
+    frame.attrs.update(
         {
-            "layer": np.full(len(qi), qk.layer),
-            "head": per_row(torch.tensor(heads)[hh]),
-            "q_pos": per_row(qq),
-            "k_pos": per_row(kk),
-            "prob": per_row(pattern[hh, qq, kk].to(torch.float64)),
-            "score": per_row(totals[hh, qq, kk].to(torch.float64)),
-            "model_score": per_row(final[hh, qq, kk].to(torch.float64)),
-            "rank": listed(torch.cat([rank, codes], 1)),
-            "q_kind": _categorical(q_meta, "kind", qi),
-            "q_feature": q_meta["feature"][qi],
-            "q_label": _categorical(q_meta, "label", qi),
-            "k_kind": _categorical(k_meta, "kind", ki),
-            "k_part_pos": k_meta["position"][ki],
-            "k_feature": k_meta["feature"][ki],
-            "k_label": _categorical(k_meta, "label", ki),
-            "term": listed(torch.cat([vals, torch.stack(extra_vals, 1)], 1)).astype(np.float64),
+            "flops": flops,  # of every term product of the selected pairs
+            "fraction_multiplied": multiplied / n_pairs,  # the share actually computed
+            "query_parts": n_qm,
+            "key_parts": n_km,
         }
     )
-    frame.attrs.update({"flops": flops, "query_parts": n_qm, "key_parts": n_km})
     return frame
 
 

@@ -2,15 +2,16 @@
 
 The table needs, for every pair, the ``top_k`` largest |k_a · q_b| among all Pk × Pq part
 products. ``torch.topk`` over every materialized term costs ≈ 3 ns per term on a 2-core CPU,
-several times the multiply. The fused path is a small C kernel (``csrc/top_terms.c``) that keeps
-each 4 × 32 block of terms in registers, compares it with the pair's running k-th largest |term|
-in one vector instruction and buffers the few that beat it, cutting the buffer back to k by
-quickselect when it fills: only candidates reach memory. It is compiled
-once per machine with the system C compiler (``cc -O3 -march=native``) into
-``~/.cache/qk_lens`` (``QK_LENS_CACHE``), and used for float32 CPU tensors; set
-``QK_LENS_NO_C=1`` to turn it off. Everywhere else the same selection runs with ``torch.topk``
-in chunks. Both return the same terms (ties aside); ``tests/test_topk_terms.py`` checks them
-against a brute-force loop and each other.
+several times the multiply. The fused path is a small C kernel (``csrc/top_terms.c``): both sides'
+parts are taken largest-norm first, blocks of terms are computed in registers best bound first,
+and a block is skipped unmultiplied when |k|·|q| (Cauchy–Schwarz) shows none of its terms can beat
+the pair's running k-th largest |term|; the few computed terms that beat it go to a small buffer
+cut back to k by a branch-free quickselect. Skipping changes nothing in the result: a skipped term
+could not have been selected. The kernel is compiled once per machine with the system C compiler
+(``cc -O3 -march=native``) into ``~/.cache/qk_lens`` (``QK_LENS_CACHE``), and used for float32 CPU
+tensors; set ``QK_LENS_NO_C=1`` to turn it off. Everywhere else the same selection runs with
+``torch.topk`` in chunks. Both return the same terms (ties aside) in the same order;
+``tests/test_topk_terms.py`` checks them against a brute-force loop and each other.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import platform
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +54,13 @@ def top_terms(
     kk: Int[Tensor, " pair"],
     top_k: int,
     fused: bool | None = None,
+    stats: dict | None = None,
 ) -> tuple[Float[Tensor, "pair top"], Int[Tensor, "pair top"]]:
     """For each pair p, the ``top_k`` terms ``K[hh, kk, a] · Q[hh, qq, b]`` of largest |value|,
     sorted by |value| descending, and their flat part index ``a * q_slots + b``.
-    ``fused``: None picks the fused kernel where it runs; True insists on it; False uses torch."""
+    ``fused``: None picks the fused kernel where it runs; True insists on it; False uses torch.
+    ``stats``: a dict that receives ``fraction_multiplied``, the share of the Pk × Pq term products
+    actually computed (the kernel skips blocks that provably cannot enter; 1.0 on the torch path)."""
     if Q.ndim != 4 or K.ndim != 4 or Q.shape[0] != K.shape[0] or Q.shape[3] != K.shape[3]:
         raise ValueError(
             f"Q {tuple(Q.shape)} and K {tuple(K.shape)} must be [head, pos, slot, d_head] with the"
@@ -77,7 +83,14 @@ def top_terms(
         )
     if len(hh) == 0:
         return Q.new_zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.long)
-    vals, idx = (_fused if fused else _chunked)(Q, K, hh, qq, kk, top_k)
+    if fused:
+        return _fused(Q, K, hh, qq, kk, top_k, stats)  # sorted by the kernel
+    vals, idx = _chunked(Q, K, hh, qq, kk, top_k)
+    if stats is not None:
+        stats["fraction_multiplied"] = 1.0
+    # by |value| descending, ties by flat index (as the kernel orders them)
+    by_index = idx.argsort(dim=-1)
+    vals, idx = vals.gather(-1, by_index), idx.gather(-1, by_index)
     order = vals.abs().argsort(dim=-1, descending=True, stable=True)
     return vals.gather(-1, order), idx.gather(-1, order)
 
@@ -158,26 +171,48 @@ def _build_c_library():
         return None
     f, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
     fn = dll.qk_top_terms_f32
-    fn.argtypes = [f, f, f, i64, i64, i64, i64] + [ctypes.c_int64] * 9 + [f, i64]
+    fn.argtypes = [f, f, i64, f, f, i64, f, i64, i64, i64] + [ctypes.c_int64] * 9
+    fn.argtypes += [i64, f, i64, i64]
     fn.restype = ctypes.c_int64
-    return fn
+    dll.qk_block_columns.restype = ctypes.c_int64
+    return _Kernel(fn, int(dll.qk_block_columns()))
 
 
-_BLOCK_COLUMNS = 32  # CB in the C source: query parts are padded to a multiple of it
+@dataclass(frozen=True)
+class _Kernel:
+    fn: Any
+    block_columns: int  # query parts are padded to a multiple of this (the C source's CB)
 
 
-def _fused(Q, K, hh, qq, kk, top_k):
-    fn = _c_library()
-    _, Tq, Pq, d = Q.shape
+_BLOCK_ROWS = 4  # RB in the C source
+
+
+def _by_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each [.., slot, d] group's slots by decreasing norm: (order, norms in that order)."""
+    norms, order = x.norm(dim=-1).sort(dim=-1, descending=True, stable=True)
+    return order, norms
+
+
+def _fused(Q, K, hh, qq, kk, top_k, stats=None):
+    kernel = _c_library()
+    n_h, Tq, Pq, d = Q.shape
     Tk, Pk = K.shape[1], K.shape[2]
-    Pqp = -(-Pq // _BLOCK_COLUMNS) * _BLOCK_COLUMNS
-    Qt = torch.zeros(Q.shape[0], Tq, d, Pqp, dtype=torch.float32)
-    Qt[..., :Pq] = Q.detach().transpose(-1, -2)
-    Qt = Qt.numpy()
-    Kc = K.detach().contiguous().numpy()
+    Q, K = Q.detach(), K.detach()
+    cb = kernel.block_columns
+    Pqp = -(-Pq // cb) * cb
+    # Both sides largest-norm first: the kernel skips blocks whose |k|·|q| bound cannot enter.
+    q_order, q_norms = _by_norm(Q)
+    Qs = torch.zeros(n_h, Tq, Pqp, d, dtype=torch.float32)
+    Qs[:, :, :Pq] = Q.gather(2, q_order[..., None].expand(-1, -1, -1, d))
+    # [h, q, column block, d, CB]: the kernel streams one column block contiguously
+    Qt = Qs.view(n_h, Tq, Pqp // cb, cb, d).transpose(-1, -2).contiguous()
+    qn = torch.zeros(n_h, Tq, Pqp, dtype=torch.float32)
+    qn[..., :Pq] = q_norms
+    qc = torch.full((n_h, Tq, Pqp), -1, dtype=torch.int64)
+    qc[..., :Pq] = q_order
+    rows, kn = _by_norm(K)
+    Kc = K.contiguous().numpy()
     zero = np.zeros(d, dtype=np.float32)
-    # largest key parts first: the running k-th largest |term| rises early (see the C source)
-    rows = torch.argsort(K.detach().norm(dim=-1), dim=-1, descending=True).contiguous().numpy()
     # pairs sharing a (head, query) run back to back, so that query's parts stay in cache
     order = torch.argsort(hh * Tq + qq, stable=True)
     h, q, k = (np.ascontiguousarray(x[order].numpy(), dtype=np.int64) for x in (hh, qq, kk))
@@ -185,12 +220,18 @@ def _fused(Q, K, hh, qq, kk, top_k):
     vals = np.empty((n, top_k), dtype=np.float32)
     idx = np.empty((n, top_k), dtype=np.int64)
     fp, ip = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
-    args = [a.ctypes.data_as(fp) for a in (Qt, Kc, zero)]
-    args += [a.ctypes.data_as(ip) for a in (rows, h, q, k)]
+    keep = [Qt.numpy(), qn.numpy(), qc.numpy(), Kc, zero, rows.contiguous().numpy()]
+    keep += [kn.contiguous().numpy(), h, q, k]
+    keep.append(np.ascontiguousarray(order.numpy(), dtype=np.int64))  # kernel pair → output row
+    args = [a.ctypes.data_as(ip if a.dtype == np.int64 else fp) for a in keep]
     out = [vals.ctypes.data_as(fp), idx.ctypes.data_as(ip)]
 
-    def run(span: tuple[int, int]) -> int:
-        return fn(*args, span[0], span[1], Tq, Tk, Pk, Pq, Pqp, d, top_k, *out)
+    dims = [Tq, Tk, Pk, Pq, Pqp, d, top_k]
+
+    def run(span: tuple[int, int]) -> tuple[int, int]:
+        blocks = ctypes.c_int64(0)
+        done = kernel.fn(*args[:10], *span, *dims, args[10], *out, ctypes.byref(blocks))
+        return done, blocks.value
 
     threads = max(1, torch.get_num_threads())
     bounds = np.linspace(0, n, 8 * threads + 1).astype(np.int64)
@@ -198,8 +239,9 @@ def _fused(Q, K, hh, qq, kk, top_k):
     # ctypes releases the GIL during the call, so the threads run the kernel in parallel
     with ThreadPoolExecutor(threads) as pool:
         done = list(pool.map(run, spans))
-    if min(done) < 0:
+    if min(x[0] for x in done) < 0:
         raise MemoryError(f"the top-k kernel could not allocate its buffers (top_k={top_k})")
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n)
-    return torch.from_numpy(vals)[inverse], torch.from_numpy(idx)[inverse]
+    if stats is not None:
+        blocks_per_pair = -(-Pk // _BLOCK_ROWS) * (Pqp // cb)
+        stats["fraction_multiplied"] = sum(x[1] for x in done) / (n * blocks_per_pair)
+    return torch.from_numpy(vals), torch.from_numpy(idx)

@@ -96,11 +96,43 @@ def test_top_terms_with_many_ties(fused, top_k):
         assert len(set(idx[p].tolist())) == top_k  # no term listed twice
 
 
+def _heavy_tailed(seed=3, n_h=2, T=12, Pq=70, Pk=45, d=16):
+    """Parts whose norms span three orders of magnitude, a few large ones among many small:
+    most blocks of terms are provably below the k-th and the kernel skips them."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n_h, T, Pq, d, generator=g) * torch.rand(n_h, T, Pq, 1, generator=g) ** 6
+    K = torch.randn(n_h, T, Pk, d, generator=g) * torch.rand(n_h, T, Pk, 1, generator=g) ** 6
+    Q[:, :, 3] *= 30  # one dominant part per side, as an error term or a bias often is
+    K[:, :, 7] *= 30
+    hh, qq, kk = torch.nonzero(torch.ones(n_h, T, T, dtype=torch.bool).tril(), as_tuple=True)
+    return Q, K, hh, qq, kk
+
+
+@needs_c
+@pytest.mark.parametrize("top_k", [1, 8, 50])
+def test_kernel_skips_blocks_without_changing_the_selection(top_k):
+    Q, K, hh, qq, kk = _heavy_tailed()
+    stats = {}
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, top_k, fused=True, stats=stats)
+    assert stats["fraction_multiplied"] < 0.6  # the bound really skipped work here
+    ref_v, ref_i = _reference(Q, K, hh, qq, kk, top_k)
+    assert np.allclose(vals.numpy(), ref_v, atol=1e-5, rtol=1e-5)  # float32 products
+    assert (idx.numpy() == ref_i).all()  # no ties among these: the same terms, in order
+    plain = {}
+    vals_t, idx_t = tt.top_terms(Q, K, hh, qq, kk, top_k, fused=False, stats=plain)
+    assert plain["fraction_multiplied"] == 1.0
+    assert torch.equal(idx_t, idx)
+
+
 @needs_c
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="-mno-avx512f is an x86 flag")
-def test_portable_kernel_branch(monkeypatch, tmp_path):
-    """The kernel built without AVX-512 (GCC vector extensions) selects the same terms."""
-    monkeypatch.setattr(tt, "_C_FLAGS", [*tt._C_FLAGS, "-mno-avx512f"])
+@pytest.mark.parametrize(
+    "flags", [["-mno-avx512f"], ["-mno-avx"]], ids=["avx2-or-less", "sse-vectors"]
+)
+def test_portable_kernel_branch(monkeypatch, tmp_path, flags):
+    """The kernel built without AVX-512 (GCC vector extensions of 8 or 4 floats) selects the
+    same terms."""
+    monkeypatch.setattr(tt, "_C_FLAGS", [*tt._C_FLAGS, *flags])
     monkeypatch.setenv("QK_LENS_CACHE", str(tmp_path))
     monkeypatch.setattr(tt, "_C_LIB", None)
     Q, K, hh, qq, kk = _inputs(torch.float32, Pq=40, Pk=9)  # two column blocks, a partial one
@@ -110,6 +142,9 @@ def test_portable_kernel_branch(monkeypatch, tmp_path):
     assert np.allclose(vals.numpy(), ref_v, atol=1e-5, rtol=0)
     distinct = np.abs(ref_v) > 1e-9
     assert (idx.numpy()[distinct] == ref_i[distinct]).all()
+    Q, K, hh, qq, kk = _heavy_tailed()  # with skipped blocks
+    vals, idx = tt.top_terms(Q, K, hh, qq, kk, 8, fused=True)
+    assert (idx.numpy() == _reference(Q, K, hh, qq, kk, 8)[1]).all()
 
 
 def test_top_terms_bad_input():
