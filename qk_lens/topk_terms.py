@@ -187,6 +187,16 @@ class _Kernel:
 _BLOCK_ROWS = 4  # RB in the C source
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One lasting pool per thread count: the table calls the kernel once per chunk."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="qk_lens_top_terms")
+    return _POOLS[threads]
+
+
 def _by_norm(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each [.., slot, d] group's slots by decreasing norm: (order, norms in that order)."""
     norms, order = x.norm(dim=-1).sort(dim=-1, descending=True, stable=True)
@@ -237,8 +247,7 @@ def _fused(Q, K, hh, qq, kk, top_k, stats=None):
     bounds = np.linspace(0, n, 8 * threads + 1).astype(np.int64)
     spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     # ctypes releases the GIL during the call, so the threads run the kernel in parallel
-    with ThreadPoolExecutor(threads) as pool:
-        done = list(pool.map(run, spans))
+    done = list(_pool(threads).map(run, spans))
     if min(x[0] for x in done) < 0:
         raise MemoryError(f"the top-k kernel could not allocate its buffers (top_k={top_k})")
     if stats is not None:
