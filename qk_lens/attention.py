@@ -176,6 +176,28 @@ class LayerQK:
             side, self.pre_rotary(side, vectors, positions, heads, space), positions, heads
         )
 
+    def frozen_scale(self, positions: Int[Tensor, "n"], space: str) -> Float[Tensor, "n"] | None:
+        """What ln1 divides a part at each position by (None: nothing), for parts in ``space``."""
+        return self._frozen_ln_scale(positions) if space == "resid" else None
+
+    def pre_rotary_rows(
+        self,
+        side: Side,
+        rows: Float[Tensor, "n d_model"],
+        heads: Int[Tensor, "h"],
+        space: str,
+    ) -> Float[Tensor, "h n d_head"]:
+        """:meth:`pre_rotary` of position-free rows, before the per-position 1/σ: a part at
+        position p that is c · row has pre-rotary value c / frozen_scale(p) times this."""
+        if space not in ("resid", "normalized"):
+            raise ValueError(f"rows in space {space!r} have no position-free projection")
+        x = linearize_norm(
+            rows.to(self.dtype), None, self.norm_kind, self.norm_w,
+            centered_already=space == "normalized",
+        )  # fmt: skip
+        W, _ = self.head_weights(side, heads)
+        return einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
+
     def pre_rotary(
         self,
         side: Side,

@@ -65,7 +65,10 @@ def project_side(
     pb: PartsBatch = basis.parts(model, cap, qk.layer, positions)
     n_pos, n_slots, d_model = pb.vectors.shape
     flat_pos = positions[:, None].expand(n_pos, n_slots).reshape(-1)
-    proj = qk.project(side, pb.vectors.reshape(-1, d_model), flat_pos, heads, pb.space)
+    if pb.row_ids is None:
+        proj = qk.project(side, pb.vectors.reshape(-1, d_model), flat_pos, heads, pb.space)
+    else:
+        proj = _project_factored(qk, side, pb, flat_pos, heads)
     proj = proj.reshape(len(heads), n_pos, n_slots, -1)
     extras = [qk.project_bias(side, positions, heads)[:, :, None]]
     wqk = "W_Q + b_Q" if side == "query" else "W_K + b_K"
@@ -97,6 +100,36 @@ def project_side(
     order = np.argsort(np.concatenate(keys), kind="stable")
     meta = take_meta(concat_meta([pb.meta, *extra_meta]), order)
     return ProjectedSide(vectors, valid, meta, positions)
+
+
+def _project_factored(
+    qk: LayerQK, side: Side, pb: PartsBatch, flat_pos: Int[Tensor, "n"], heads: Int[Tensor, "h"]
+) -> Float[Tensor, "h n d_head"]:
+    """``qk.project`` of every (pos, slot) vector, mapping each distinct decoder row once.
+
+    The frozen norm and W_Q/W_K are linear and the same at every position up to 1/σ(pos), so
+    c · row at position p projects to c / σ(p) · (row through the norm weight and W); qk-norm,
+    rotary and the score scale then act per position as in :meth:`LayerQK.project`.
+    """
+    d_model = pb.vectors.shape[-1]
+    ids = pb.row_ids.reshape(-1)
+    factored = ids >= 0
+    unique, inverse = torch.unique(ids[factored], return_inverse=True)
+    per_row = qk.pre_rotary_rows(side, pb.rows[unique], heads, pb.space)  # [h, u, d_head]
+    # every slot gathers a row (slots without one gather a zero row, coefficient 0) ...
+    per_row = torch.cat([per_row, per_row.new_zeros(len(heads), 1, per_row.shape[-1])], dim=1)
+    which = torch.full_like(ids, len(unique))
+    which[factored] = inverse
+    coef = torch.where(factored, pb.coeffs.reshape(-1).to(per_row.dtype), 0.0)
+    scale = qk.frozen_scale(flat_pos, pb.space)
+    if scale is not None:
+        coef = coef / scale
+    pre = per_row[:, which] * coef[None, :, None]
+    # ... and the others (bias, error) are projected as they are
+    rest = torch.nonzero(~factored)[:, 0]
+    vectors = pb.vectors.reshape(-1, d_model)[rest]
+    pre[:, rest] = qk.pre_rotary(side, vectors, flat_pos[rest], heads, pb.space)
+    return qk._finish(side, pre, flat_pos, heads)
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

@@ -35,6 +35,12 @@ class PartsBatch:
     valid: Bool[Tensor, "n_pos slot"]
     meta: Meta  # one entry per valid (pos, slot), in row-major (pos, slot) order
     space: str  # "resid" or "normalized": what the vectors sum to
+    # Optional factorization vectors[p, s] = coeffs[p, s] · rows[row_ids[p, s]] for the slots with
+    # row_ids ≥ 0 (a dictionary's features): a projection can then map each distinct decoder row
+    # once, however many positions use it.
+    rows: Float[Tensor, "n_rows d_model"] | None = None
+    row_ids: Int[Tensor, "n_pos slot"] | None = None
+    coeffs: Float[Tensor, "n_pos slot"] | None = None
 
     @property
     def n_slots(self) -> int:
@@ -119,7 +125,7 @@ class DictionaryBasis:
             f_pos,
             f_ids,
             acts[act_mask],
-            [d.label(int(i)) for i in f_ids],
+            d.labels_of(f_ids),
         )
         # Row-major (pos, slot) order: each position's features, then its bias, then its error.
         order = np.argsort(
@@ -138,7 +144,9 @@ class DictionaryBasis:
             np.array([f"{d.name} bias", f"{d.name} error"] * n_pos, dtype=object),
         )
         meta = take_meta(concat_meta([f_meta, extra_meta]), order)
-        return PartsBatch(positions, vectors, valid, meta, d.space)
+        row_ids = torch.cat([dec.feature_ids, torch.full((n_pos, 2), -1)], dim=1)
+        coeffs = torch.cat([dec.coeffs, torch.zeros(n_pos, 2, dtype=dec.coeffs.dtype)], dim=1)
+        return PartsBatch(positions, vectors, valid, meta, d.space, W_dec, row_ids, coeffs)
 
     def _decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
         """Decompose only positions not yet decomposed on this capture; reuse the rest."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
@@ -304,6 +305,11 @@ class Dictionary:
 
     def label(self, feature_id: int) -> str:
         return self.labels.get(int(feature_id), "")
+
+    def labels_of(self, feature_ids: np.ndarray) -> list[str]:
+        """:meth:`label` of each id (one dict lookup each, no per-id method call)."""
+        get = self.labels.get
+        return [get(i, "") for i in np.asarray(feature_ids).tolist()]
 
     def set_labels(self, labels: Mapping[int, str] | LabelSet | str | PathLike[str] | None) -> None:
         """Replace :attr:`labels` with anything :func:`qk_lens.labels.load_labels` reads."""

@@ -236,3 +236,42 @@ def test_negative_positions_and_token_list_prompt():
     a = model.qk_attribution(tokens.tolist(), 1, 2, -1, -N_TOK)
     assert (a.q_pos, a.k_pos) == (N_TOK - 1, 0)
     assert abs(a.score - float(raw[2, -1, 0])) < 1e-9
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2_folded", "llama", "gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("hook", ["hook_resid_pre", "ln1.hook_normalized"])
+def test_factored_projection_equals_projecting_each_vector(arch, hook):
+    """project_side maps each distinct decoder row once and scales it per position; projecting
+    every (position, slot) vector through LayerQK.project must give the same parts."""
+    from dataclasses import replace
+
+    from qk_lens.attention import LayerQK
+    from qk_lens.attribution import project_side
+    from qk_lens.bases import DictionaryBasis
+
+    model = qk_lens.attach(make_model(arch))
+    layer = model.cfg.n_layers - 1
+    if hook == "ln1.hook_normalized" and model.cfg.normalization_type not in ("LN", "LNPre"):
+        pytest.skip("ln1.hook_normalized dictionaries are for LayerNorm models")
+    # a small dictionary with top-k 12 over 20 features: every feature recurs across positions
+    sae = make_sae("topk", hook=f"blocks.{layer}.{hook}", d_in=model.cfg.d_model, d_sae=20)
+    model.add_dictionary(sae)
+    tokens = make_tokens(model, 10)[0]
+    cap = model.qk_capture(tokens)
+    qk = LayerQK(model, layer, cap)
+    basis = DictionaryBasis(model.qk_dictionaries[layer])
+    positions, heads = torch.arange(10), torch.arange(model.cfg.n_heads)
+
+    class Unfactored:
+        def parts(self, *args):
+            return replace(basis.parts(*args), rows=None, row_ids=None, coeffs=None)
+
+    for side in ("query", "key"):
+        pb = basis.parts(model, cap, layer, positions)
+        assert (
+            pb.row_ids is not None
+            and len(pb.row_ids[pb.row_ids >= 0].unique()) < (pb.row_ids >= 0).sum()
+        )  # rows really are shared
+        fast = project_side(model, qk, side, basis, positions, heads).vectors
+        slow = project_side(model, qk, side, Unfactored(), positions, heads).vectors
+        assert torch.allclose(fast, slow, rtol=0, atol=1e-12 * slow.abs().max())
