@@ -94,10 +94,6 @@ def main() -> None:
     flops = table.attrs["flops"]
     achieved = flops / t_table
     n_pairs = table.groupby(["head", "q_pos", "k_pos"]).ngroups
-    # the projections of every part through W_Q / W_K (both sides, all heads), counted apart
-    # (each side's parts but its per-position attention-bias part, which needs no matmul)
-    n_parts = table.attrs["query_parts"] + table.attrs["key_parts"] - 2 * T
-    proj_flops = 2 * n_parts * cfg.d_model * cfg.n_heads * cfg.d_head
     bytes_el = 4
     sides = 12 * T * (args.k + 3) * 64 * bytes_el * 2
     dense = 12 * T * T * (args.k + 3) ** 2 * bytes_el
@@ -125,10 +121,6 @@ def main() -> None:
         f"  FLOP counts every term product of every pair (2·pairs·Pq·Pk·d_head); the kernel "
         f"multiplied {100 * table.attrs['fraction_multiplied']:.0f} % of them, skipping blocks "
         "whose |k|·|q| bound cannot reach the top k"
-    )
-    print(
-        f"  counting the projections through W_Q/W_K too ({proj_flops / 1e9:.1f} GFLOP): "
-        f"roofline / {roofline * t_table / (flops + proj_flops):.2f}"
     )
     print(
         f"  path: {path}; the torch path in the same run: {t_table_torch:.2f} s "

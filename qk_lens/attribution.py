@@ -51,6 +51,9 @@ class ProjectedSide:
         return slice(int(self._starts[i]), int(self._starts[i + 1]))
 
 
+_FACTOR_MIN_POSITIONS = 8
+
+
 def project_side(
     model: Any,
     qk: LayerQK,
@@ -65,7 +68,9 @@ def project_side(
     pb: PartsBatch = basis.parts(model, cap, qk.layer, positions)
     n_pos, n_slots, d_model = pb.vectors.shape
     flat_pos = positions[:, None].expand(n_pos, n_slots).reshape(-1)
-    if pb.row_ids is None:
+    # Mapping distinct rows once pays where rows recur, i.e. over many positions; for a few its
+    # bookkeeping costs more than it saves (both are exact).
+    if pb.row_ids is None or n_pos < _FACTOR_MIN_POSITIONS:
         proj = qk.project(side, pb.vectors.reshape(-1, d_model), flat_pos, heads, pb.space)
     else:
         proj = _project_factored(qk, side, pb, flat_pos, heads)

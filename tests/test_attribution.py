@@ -245,6 +245,7 @@ def test_factored_projection_equals_projecting_each_vector(arch, hook):
     every (position, slot) vector through LayerQK.project must give the same parts."""
     from dataclasses import replace
 
+    from qk_lens import attribution
     from qk_lens.attention import LayerQK
     from qk_lens.attribution import project_side
     from qk_lens.bases import DictionaryBasis
@@ -261,6 +262,8 @@ def test_factored_projection_equals_projecting_each_vector(arch, hook):
     qk = LayerQK(model, layer, cap)
     basis = DictionaryBasis(model.qk_dictionaries[layer])
     positions, heads = torch.arange(10), torch.arange(model.cfg.n_heads)
+
+    assert len(positions) >= attribution._FACTOR_MIN_POSITIONS
 
     class Unfactored:
         def parts(self, *args):
