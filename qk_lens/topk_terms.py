@@ -187,14 +187,16 @@ class _Kernel:
 _BLOCK_ROWS = 4  # RB in the C source
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """One lasting pool per thread count: the table calls the kernel once per chunk."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="qk_lens_top_terms")
-    return _POOLS[threads]
+    """One lasting pool per thread count (the table calls the kernel once per chunk), and per
+    process: a forked child inherits the pool object but not its threads."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="qk_lens_top_terms")
+    return _POOLS[key]
 
 
 def _by_norm(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,8 @@
 """The fused top-k term kernel against a brute-force reference and against the torch path."""
 
+import os
 import platform
+import time
 
 import numpy as np
 import pandas as pd
@@ -196,3 +198,30 @@ def test_table_same_with_and_without_the_kernel(arch, monkeypatch):
         fused.drop(columns="term"), plain.drop(columns="term"), check_exact=True
     )
     assert np.allclose(fused.term, plain.term, atol=1e-4, rtol=0)
+
+
+@needs_c
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernel_runs_in_a_forked_child():
+    """The kernel's thread pool outlives a call; a forked child must not wait on the parent's
+    (absent) threads."""
+    Q, K, hh, qq, kk = _inputs(torch.float32)
+    want, _ = tt.top_terms(Q, K, hh, qq, kk, 4, fused=True)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the kernel answers correctly
+        try:
+            got, _ = tt.top_terms(Q, K, hh, qq, kk, 4, fused=True)
+            os._exit(0 if torch.equal(got, want) else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the kernel hung in a forked child")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
