@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from qk_lens.attention import compute_dtype, linearize_norm, norm_kind
@@ -167,13 +168,14 @@ class DictionaryBasis:
         items = [store[p] for p in pos_list]
         k = max(1, max(len(it.feature_ids) for it in items))
 
-        def pad(t: Tensor, fill: float) -> Tensor:
-            return torch.cat([t, torch.full((k - t.shape[0],), fill, dtype=t.dtype)])
+        def pad(ts: list[Tensor], fill: float) -> Tensor:  # [n_pos, k], right-padded with fill
+            out = pad_sequence(ts, batch_first=True, padding_value=fill)
+            return torch.nn.functional.pad(out, (0, k - out.shape[1]), value=fill)
 
         return Decomposition(
-            torch.stack([pad(it.feature_ids, -1) for it in items]),
-            torch.stack([pad(it.coeffs, 0.0) for it in items]),
-            torch.stack([pad(it.activations, 0.0) for it in items]),
+            pad([it.feature_ids for it in items], -1),
+            pad([it.coeffs for it in items], 0.0),
+            pad([it.activations for it in items], 0.0),
             torch.stack([it.bias for it in items]),
             torch.stack([it.error for it in items]),
         )
