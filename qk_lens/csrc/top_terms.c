@@ -1,25 +1,29 @@
 /* Top-k QK terms per (head, query, key) pair, selected while they are multiplied (float32).
  *
  * For pair p the terms are K[h,k,a,:] . Q[h,q,b,:] for every key part a and query part b. Both
- * sides' parts are visited largest-norm first. A block of RB key parts x CB query parts is skipped
- * without multiplying when |k_a|.|q_b| of its largest parts (Cauchy-Schwarz, with a margin for
- * float32 rounding) cannot beat the pair's running k-th largest |term|; since norms only fall
- * from there, the rest of the row of blocks (and, at a row's first block, every later row) is
- * skipped too. A computed block lives in registers (AVX-512 intrinsics where the compiler targets
- * AVX-512, else GCC vector extensions of the widest vector the target has); its terms that beat
- * the threshold are appended to a small buffer which, when full, is cut back to its top k by
- * quickselect, raising the threshold. Terms never go to memory beyond one block. Built and loaded
+ * sides' parts are sorted largest-norm first, and blocks of RB key parts x CB query parts are
+ * visited in decreasing order of their bound |k_a|.|q_b| over the block's largest parts
+ * (Cauchy-Schwarz, with a margin for float32 rounding). The pair is done at the first block whose
+ * bound cannot beat its running k-th largest |term|: no later block can. A computed block lives in registers (AVX-512 intrinsics where the compiler targets
+ * AVX-512, else GCC vector extensions of the widest vector the target has); one compare per
+ * register gives a bit mask of its terms that beat the threshold, and only those are appended
+ * to a small buffer which, when full, is cut back to its top k by quickselect, raising the
+ * threshold. Terms never go to memory beyond one block. Built and loaded
  * by qk_lens/topk_terms.py.
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define VW 16
 #elif defined(__AVX__)
+#include <immintrin.h>
 #define VW 8
+#elif defined(__SSE__)
+#include <immintrin.h>
+#define VW 4
 #else
 #define VW 4
 #endif
@@ -84,12 +88,30 @@ static float compact(float *bv, int64_t *bi, int64_t n, int64_t k, float *scratc
     return kth;
 }
 
-/* The RB x CB block of terms k_r . q[j, 0:CB] (q: d rows of CB, contiguous) into blk; returns
- * whether any |term| > thr (checked in registers: a block that cannot enter is not stored). */
+#ifndef __AVX512F__
+/* One bit per lane of a comparison result (lane i -> bit i). */
+static inline uint64_t lane_bits(vi m) {
+#if VW == 8
+    return (uint64_t)_mm256_movemask_ps((__m256)m);
+#elif VW == 4 && defined(__SSE__)
+    return (uint64_t)_mm_movemask_ps((__m128)m);
+#else
+    int32_t lanes[VW];
+    memcpy(lanes, &m, sizeof(vi));
+    uint64_t bits = 0;
+    for (int i = 0; i < VW; i++) bits |= (uint64_t)(lanes[i] & 1) << i;
+    return bits;
+#endif
+}
+#endif
+
+/* The RB x CB block of terms k_r . q[j, 0:CB] (q: d rows of CB, contiguous) into blk, and in
+ * masks[r] bit c set where |blk[r][c]| > thr; returns whether any bit is set (checked in
+ * registers: a block that cannot enter is not stored). */
 static inline int block_terms(const float *restrict k0, const float *restrict k1,
                               const float *restrict k2, const float *restrict k3,
                               const float *restrict qr, int64_t d, float thr,
-                              float blk[RB][CB]) {
+                              float blk[RB][CB], uint64_t masks[RB]) {
 #ifdef __AVX512F__
     __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
     __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
@@ -107,10 +129,13 @@ static inline int block_terms(const float *restrict k0, const float *restrict k1
         c30 = _mm512_fmadd_ps(v, q0, c30); c31 = _mm512_fmadd_ps(v, q1, c31);
     }
     __m512 t = _mm512_set1_ps(thr);
-#define GT(c) _mm512_cmp_ps_mask(_mm512_abs_ps(c), t, _CMP_GT_OQ)
-    if (!(GT(c00) | GT(c01) | GT(c10) | GT(c11) | GT(c20) | GT(c21) | GT(c30) | GT(c31)))
-        return 0;
+#define GT(c) ((uint64_t)_mm512_cmp_ps_mask(_mm512_abs_ps(c), t, _CMP_GT_OQ))
+    masks[0] = GT(c00) | GT(c01) << 16;
+    masks[1] = GT(c10) | GT(c11) << 16;
+    masks[2] = GT(c20) | GT(c21) << 16;
+    masks[3] = GT(c30) | GT(c31) << 16;
 #undef GT
+    if (!(masks[0] | masks[1] | masks[2] | masks[3])) return 0;
     _mm512_store_ps(blk[0], c00); _mm512_store_ps(blk[0] + 16, c01);
     _mm512_store_ps(blk[1], c10); _mm512_store_ps(blk[1] + 16, c11);
     _mm512_store_ps(blk[2], c20); _mm512_store_ps(blk[2] + 16, c21);
@@ -133,14 +158,13 @@ static inline int block_terms(const float *restrict k0, const float *restrict k1
         c30 += k3[j] * q0; c31 += k3[j] * q1;
     }
     vf t = thr - (vf){0};
-#define GT(c) (((c) > t) | ((c) < -t))
-    vi m = GT(c00) | GT(c01) | GT(c10) | GT(c11) | GT(c20) | GT(c21) | GT(c30) | GT(c31);
+#define GT(c) lane_bits(((c) > t) | ((c) < -t))
+    masks[0] = GT(c00) | GT(c01) << VW;
+    masks[1] = GT(c10) | GT(c11) << VW;
+    masks[2] = GT(c20) | GT(c21) << VW;
+    masks[3] = GT(c30) | GT(c31) << VW;
 #undef GT
-    int32_t lanes[VW];
-    memcpy(lanes, &m, sizeof(vi));
-    int32_t any = 0;
-    for (int i = 0; i < VW; i++) any |= lanes[i];
-    if (!any) return 0;
+    if (!(masks[0] | masks[1] | masks[2] | masks[3])) return 0;
     memcpy(blk[0], &c00, sizeof(vf)); memcpy(blk[0] + VW, &c01, sizeof(vf));
     memcpy(blk[1], &c10, sizeof(vf)); memcpy(blk[1] + VW, &c11, sizeof(vf));
     memcpy(blk[2], &c20, sizeof(vf)); memcpy(blk[2] + VW, &c21, sizeof(vf));
@@ -167,8 +191,9 @@ int64_t qk_top_terms_f32(const float *Qt, const float *q_norm, const int64_t *q_
                          const int64_t *out_row, float *out_vals, int64_t *out_idx,
                          int64_t *computed) {
     float blk[RB][CB] __attribute__((aligned(64)));
+    uint64_t masks[RB];
     int64_t full = 2 * top_k;                /* cut the buffer back once it holds more */
-    int64_t cap = full + RB * CB + 1;        /* one more block after it fills, + 1 spare write */
+    int64_t cap = full + RB * CB;            /* room for one more block after it fills */
     float *bv = malloc((size_t)cap * 4 * sizeof(float));
     int64_t *bi = malloc((size_t)cap * 2 * sizeof(int64_t));
     if (!bv || !bi) { free(bv); free(bi); return -1; }
@@ -207,18 +232,17 @@ int64_t qk_top_terms_f32(const float *Qt, const float *q_norm, const int64_t *q_
             const float *k2 = a0 + 2 < Pk ? Kp + ro[a0 + 2] * d : zero;
             const float *k3 = a0 + 3 < Pk ? Kp + ro[a0 + 3] * d : zero;
             blocks++;
-            if (!block_terms(k0, k1, k2, k3, Q + b0 * d, d, thr, blk)) continue;
+            if (!block_terms(k0, k1, k2, k3, Q + b0 * d, d, thr, blk, masks)) continue;
             int64_t rows = Pk - a0 < RB ? Pk - a0 : RB;
             int64_t cols = Pq - b0 < CB ? Pq - b0 : CB;
+            uint64_t real = cols == 64 ? ~0ull : (1ull << cols) - 1;  /* not padding columns */
             for (int64_t r = 0; r < rows; r++) {
-                int hits = 0;
-                for (int c = 0; c < CB; c++) hits |= fabsf(blk[r][c]) > thr;
-                if (!hits) continue;
                 int64_t base = ro[a0 + r] * Pq;
-                for (int64_t c = 0; c < cols; c++) {  /* branch-free: always write, */
-                    bv[n] = blk[r][c];                  /* advance only on a keeper   */
+                for (uint64_t m = masks[r] & real; m; m &= m - 1) {  /* each term above thr */
+                    int c = __builtin_ctzll(m);
+                    bv[n] = blk[r][c];
                     bi[n] = base + qc[b0 + c];
-                    n += fabsf(blk[r][c]) > thr;
+                    n++;
                 }
             }
             if (n > full)
