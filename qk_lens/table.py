@@ -38,7 +38,8 @@ def _part_index(side: ProjectedSide) -> torch.Tensor:
 
 def _categorical(meta: Meta, column: str, rows: np.ndarray) -> pd.Categorical:
     codes, uniques = pd.factorize(meta[column], use_na_sentinel=False)
-    return pd.Categorical.from_codes(codes[rows], categories=uniques)
+    # rows index meta, so the codes are valid by construction: skip from_codes' range check
+    return pd.Categorical.from_codes(codes[rows], categories=uniques, validate=False)
 
 
 def attribution_table(
@@ -96,35 +97,37 @@ def attribution_table(
     n_pairs = len(hh)
     flops = 2 * n_pairs * Pq * Pk * d
 
-    ki = k_index[kk[:, None], idx // Pq]
-    qi = q_index[qq[:, None], idx % Pq]
-    keep = (qi >= 0) & (ki >= 0)  # padding slots (exact zeros) never count as interactions
-    rank = torch.arange(k_eff).expand_as(idx)
+    # Each listed term's meta rows: flat numpy lookups (2-D torch indexing over [pairs, top_k]
+    # is several times slower).
+    idx_np = idx.numpy()
+    a = idx_np // Pq
+    ki = k_index.numpy().reshape(-1)[kk.numpy()[:, None] * Pk + a]
+    qi = q_index.numpy().reshape(-1)[qq.numpy()[:, None] * Pq + (idx_np - a * Pq)]
+    listed_term = (qi >= 0) & (ki >= 0)  # padding slots (exact zeros) never count as interactions
     # The exact remainder: the pair's score minus the listed terms (and ALiBi, listed apart).
     # Extra columns go right after each pair's listed terms, so rows come out grouped by pair.
-    rem = totals[hh, qq, kk] - torch.where(keep, vals, 0.0).sum(-1)
+    rem = totals[hh, qq, kk] - torch.where(torch.from_numpy(listed_term), vals, 0.0).sum(-1)
     extra_vals, extra_codes = [rem], [REMAINDER]
     if alibi is not None:
-        a = alibi[hh, qq, kk]
-        extra_vals, extra_codes = [rem - a, a], [REMAINDER, ALIBI]
-    codes = torch.tensor(extra_codes).expand(n_pairs, len(extra_codes))
-    keep = torch.cat([keep, torch.ones(n_pairs, len(extra_codes), dtype=torch.bool)], 1).numpy()
+        alibi_term = alibi[hh, qq, kk]
+        extra_vals, extra_codes = [rem - alibi_term, alibi_term], [REMAINDER, ALIBI]
+    n_extra = len(extra_codes)
+    codes = np.broadcast_to(np.array(extra_codes), (n_pairs, n_extra))
+    keep = np.concatenate([listed_term, np.ones((n_pairs, n_extra), dtype=bool)], 1)
     n_rows = keep.sum(1)
 
     def per_row(x: torch.Tensor) -> np.ndarray:  # a per-pair value on each of the pair's rows
         return np.repeat(x.numpy(), n_rows)
 
-    def listed(x: torch.Tensor) -> np.ndarray:  # [pair, width] → the kept entries, row-major
-        return x.numpy()[keep]
+    def listed(*parts: np.ndarray) -> np.ndarray:  # [pair, width] pieces → kept entries, row-major
+        return np.concatenate(parts, 1)[keep]
 
     q_meta = _with_special(q_side.meta)
     k_meta = _with_special(k_side.meta)
     n_qm, n_km = len(q_side.meta["kind"]), len(k_side.meta["kind"])
     # −1 → remainder, −2 → ALiBi: the pseudo-parts appended after the real ones
-    qi = listed(torch.cat([qi, codes], 1))
-    ki = listed(torch.cat([ki, codes], 1))
-    qi = np.where(qi >= 0, qi, n_qm - 1 - qi)
-    ki = np.where(ki >= 0, ki, n_km - 1 - ki)
+    qi = listed(qi, n_qm - 1 - codes)
+    ki = listed(ki, n_km - 1 - codes)
     columns = {
         "layer": np.full(len(qi), qk.layer),
         "head": per_row(torch.tensor(heads)[hh]),
@@ -133,7 +136,7 @@ def attribution_table(
         "prob": per_row(pattern[hh, qq, kk].to(torch.float64)),
         "score": per_row(totals[hh, qq, kk].to(torch.float64)),
         "model_score": per_row(final[hh, qq, kk].to(torch.float64)),
-        "rank": listed(torch.cat([rank, codes], 1)),
+        "rank": listed(np.broadcast_to(np.arange(k_eff), idx_np.shape), codes),
         "q_kind": _categorical(q_meta, "kind", qi),
         "q_feature": q_meta["feature"][qi],
         "q_label": _categorical(q_meta, "label", qi),
@@ -141,7 +144,7 @@ def attribution_table(
         "k_part_pos": k_meta["position"][ki],
         "k_feature": k_meta["feature"][ki],
         "k_label": _categorical(k_meta, "label", ki),
-        "term": listed(torch.cat([vals, torch.stack(extra_vals, 1)], 1)).astype(np.float64),
+        "term": listed(vals.numpy(), torch.stack(extra_vals, 1).numpy()).astype(np.float64),
     }
     # Side by side without consolidating same-dtype columns into 2-D blocks (a copy of every
     # column, as long as everything else the table does).
