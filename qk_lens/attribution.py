@@ -61,11 +61,13 @@ def project_side(
     basis: Any,
     positions: Int[Tensor, "n_pos"],
     heads: Int[Tensor, "h"],
+    parts: PartsBatch | None = None,
 ) -> ProjectedSide:
-    """Basis parts at ``positions`` → head space, plus the attention-bias part of each position."""
+    """Basis parts at ``positions`` → head space, plus the attention-bias part of each position.
+    ``parts``: ``basis.parts(...)`` at these positions, when the caller already has them."""
     cap = qk.cap
     qk.check_clip(side, positions, heads)
-    pb: PartsBatch = basis.parts(model, cap, qk.layer, positions)
+    pb: PartsBatch = parts if parts is not None else basis.parts(model, cap, qk.layer, positions)
     n_pos, n_slots, d_model = pb.vectors.shape
     flat_pos = positions[:, None].expand(n_pos, n_slots).reshape(-1)
     # Mapping distinct rows once pays where rows recur, i.e. over many positions; for a few its

@@ -193,6 +193,8 @@ class QKLensMixin:
         q_feature, q_label, k_kind, k_part_pos, k_feature, k_label, term. Each pair's rows are
         contiguous (listed terms by |term|, then its remainder) and sum exactly to its score;
         pairs come in (q_pos, head, k_pos) order. ``df.attrs["flops"]`` holds the term FLOPs.
+        ``chunk_size``: query positions per call of the selection (default: all at once; smaller
+        bounds its transient memory). ``progress``: show a progress bar over the pairs.
         """
         from qk_lens.table import attribution_table
 

@@ -1,9 +1,9 @@
 """The batch primitive: top-k QK terms plus the exact remainder for every (head, q, k) of a layer.
 
 Both sides are projected once for every position and head (``[head, pos, slot, d_head]``, i.e.
-memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, a chunk of
-query positions at a time, to ``qk_lens.topk_terms``, which keeps each pair's top-k terms while it
-multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
+memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, all at once
+(or ``chunk_size`` query positions at a time), to ``qk_lens.topk_terms``, which keeps each pair's
+top-k terms while it multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
 the output is pairs × (top_k + 1) rows.
 """
 
@@ -24,9 +24,6 @@ from qk_lens.capture import Capture
 from qk_lens.topk_terms import top_terms
 
 REMAINDER, ALIBI = -1, -2  # pseudo-part codes in the table
-
-# Query positions per chunk by default: a progress step, and a bound on the transient copies.
-_CHUNKS = 8
 
 
 def _part_index(side: ProjectedSide) -> torch.Tensor:
@@ -57,8 +54,12 @@ def attribution_table(
     T = cap.n_tokens
     positions = torch.arange(T)
     H = torch.tensor(heads)
-    q_side = project_side(model, qk, "query", query_basis, positions, H)
-    k_side = project_side(model, qk, "key", key_basis, positions, H)
+    q_parts = query_basis.parts(model, cap, qk.layer, positions)
+    # the same basis on both sides (the usual case): its parts are built once
+    same = getattr(query_basis, "key", None) == getattr(key_basis, "key", object())
+    k_parts = q_parts if same else key_basis.parts(model, cap, qk.layer, positions)
+    q_side = project_side(model, qk, "query", query_basis, positions, H, q_parts)
+    k_side = project_side(model, qk, "key", key_basis, positions, H, k_parts)
     Q, K = q_side.vectors, k_side.vectors  # [h, T, Pq, d], [h, T, Pk, d]
     _, _, Pq, d = Q.shape
     Pk = K.shape[2]
@@ -74,22 +75,25 @@ def attribution_table(
         totals = totals + alibi
     k_eff = min(top_k, Pq * Pk)
     if chunk_size is None:
-        chunk_size = max(1, -(-T // _CHUNKS))
+        chunk_size = T  # one call: the selection's prep is per call, its progress per pair
 
+    n_selected = int(select.sum())
     vals_l, idx_l, pairs_l = [], [], []
     multiplied = 0.0  # pairs' worth of term products the selection actually computed
-    for q0 in tqdm(range(0, T, chunk_size), disable=not progress, desc=f"L{qk.layer} QK table"):
-        q1 = min(T, q0 + chunk_size)
-        # (q, head, k) order: nonzero over the [q, head, k] view
-        qq, hh, kk = torch.nonzero(select[:, q0:q1].transpose(0, 1), as_tuple=True)
-        if len(qq) == 0:
-            continue
-        stats: dict = {}
-        v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff, stats=stats)
-        multiplied += stats["fraction_multiplied"] * len(hh)
-        vals_l.append(v)
-        idx_l.append(i)
-        pairs_l.append(torch.stack([hh, qq + q0, kk]))
+    desc = f"L{qk.layer} QK table"
+    with tqdm(total=n_selected, disable=not progress, desc=desc, unit="pair") as bar:
+        for q0 in range(0, T, chunk_size):
+            q1 = min(T, q0 + chunk_size)
+            # (q, head, k) order: nonzero over the [q, head, k] view
+            qq, hh, kk = torch.nonzero(select[:, q0:q1].transpose(0, 1), as_tuple=True)
+            if len(qq) == 0:
+                continue
+            stats: dict = {}
+            v, i = top_terms(Q[:, q0:q1], K, hh, qq, kk, k_eff, stats=stats, progress=bar.update)
+            multiplied += stats["fraction_multiplied"] * len(hh)
+            vals_l.append(v)
+            idx_l.append(i)
+            pairs_l.append(torch.stack([hh, qq + q0, kk]))
     if not pairs_l:
         return _empty_frame()
     vals, idx = torch.cat(vals_l), torch.cat(idx_l)

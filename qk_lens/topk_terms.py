@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,15 @@ def top_terms(
     top_k: int,
     fused: bool | None = None,
     stats: dict | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[Float[Tensor, "pair top"], Int[Tensor, "pair top"]]:
     """For each pair p, the ``top_k`` terms ``K[hh, kk, a] · Q[hh, qq, b]`` of largest |value|,
     sorted by |value| descending, and their flat part index ``a * q_slots + b``.
     ``fused``: None picks the fused kernel where it runs; True insists on it; False uses torch.
     ``stats``: a dict that receives ``fraction_multiplied``, the share of the Pk × Pq term products
-    actually computed (the kernel skips blocks that provably cannot enter; 1.0 on the torch path)."""
+    actually computed (the kernel skips blocks that provably cannot enter; 1.0 on the torch path).
+    ``progress``: called with a number of pairs each time that many are done (a progress bar's
+    ``update``)."""
     if Q.ndim != 4 or K.ndim != 4 or Q.shape[0] != K.shape[0] or Q.shape[3] != K.shape[3]:
         raise ValueError(
             f"Q {tuple(Q.shape)} and K {tuple(K.shape)} must be [head, pos, slot, d_head] with the"
@@ -83,9 +87,10 @@ def top_terms(
         )
     if len(hh) == 0:
         return Q.new_zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.long)
+    progress = progress or (lambda n: None)
     if fused:
-        return _fused(Q, K, hh, qq, kk, top_k, stats)  # sorted by the kernel
-    vals, idx = _chunked(Q, K, hh, qq, kk, top_k)
+        return _fused(Q, K, hh, qq, kk, top_k, stats, progress)  # sorted by the kernel
+    vals, idx = _chunked(Q, K, hh, qq, kk, top_k, progress)
     if stats is not None:
         stats["fraction_multiplied"] = 1.0
     # by |value| descending, ties by flat index (as the kernel orders them)
@@ -95,7 +100,7 @@ def top_terms(
     return vals.gather(-1, order), idx.gather(-1, order)
 
 
-def _chunked(Q, K, hh, qq, kk, top_k):
+def _chunked(Q, K, hh, qq, kk, top_k, progress):
     n_h, T_q, Pq, d = Q.shape
     Pk = K.shape[2]
     vals = Q.new_empty(len(hh), top_k)
@@ -116,6 +121,7 @@ def _chunked(Q, K, hh, qq, kk, top_k):
         i = torch.topk(chosen.abs(), top_k, dim=-1).indices
         vals[rows] = chosen.gather(-1, i)
         idx[rows] = i
+        progress(len(rows))
     return vals, idx
 
 
@@ -205,7 +211,7 @@ def _by_norm(x: Tensor) -> tuple[Tensor, Tensor]:
     return order, norms
 
 
-def _fused(Q, K, hh, qq, kk, top_k, stats=None):
+def _fused(Q, K, hh, qq, kk, top_k, stats, progress):
     kernel = _c_library()
     n_h, Tq, Pq, d = Q.shape
     Tk, Pk = K.shape[1], K.shape[2]
@@ -249,7 +255,10 @@ def _fused(Q, K, hh, qq, kk, top_k, stats=None):
     bounds = np.linspace(0, n, 8 * threads + 1).astype(np.int64)
     spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     # ctypes releases the GIL during the call, so the threads run the kernel in parallel
-    done = list(_pool(threads).map(run, spans))
+    done = []
+    for (a, b), result in zip(spans, _pool(threads).map(run, spans), strict=True):
+        done.append(result)
+        progress(b - a)
     if min(x[0] for x in done) < 0:
         raise MemoryError(f"the top-k kernel could not allocate its buffers (top_k={top_k})")
     if stats is not None:

@@ -80,3 +80,16 @@ def test_bad_table_arguments(setup):
         model.qk_attribution_table(tokens, layer, min_prob=1.5)
     with pytest.raises(ValueError, match="head=9 is out of range"):
         model.qk_attribution_table(tokens, layer, heads=[9])
+
+
+def test_chunks_and_progress_change_nothing(setup, capsys):
+    """chunk_size (query positions per selection call) and the progress bar are bookkeeping: the
+    table is the same, and the bar counts every pair."""
+    import pandas as pd
+
+    model, tokens, layer, _, _ = setup
+    whole = model.qk_attribution_table(tokens, layer, top_k=4)
+    chunked = model.qk_attribution_table(tokens, layer, top_k=4, chunk_size=3, progress=True)
+    pd.testing.assert_frame_equal(whole, chunked)
+    n_pairs = whole.groupby(["head", "q_pos", "k_pos"]).ngroups
+    assert f"{n_pairs}/{n_pairs}" in capsys.readouterr().err

@@ -225,3 +225,11 @@ def test_kernel_runs_in_a_forked_child():
             pytest.fail("the kernel hung in a forked child")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_c), False])
+def test_progress_counts_every_pair(fused):
+    Q, K, hh, qq, kk = _inputs(torch.float32)
+    seen = []
+    tt.top_terms(Q, K, hh, qq, kk, 3, fused=fused, progress=seen.append)
+    assert sum(seen) == len(hh) and all(n > 0 for n in seen)
