@@ -192,7 +192,7 @@ int64_t qk_top_terms_f32(const float *Qt, const float *q_norm, const int64_t *q_
                          int64_t *computed) {
     float blk[RB][CB] __attribute__((aligned(64)));
     uint64_t masks[RB];
-    int64_t full = 2 * top_k;                /* cut the buffer back once it holds more */
+    int64_t full = top_k + top_k / 2;        /* cut the buffer back once it holds more */
     int64_t cap = full + RB * CB;            /* room for one more block after it fills */
     float *bv = malloc((size_t)cap * 4 * sizeof(float));
     int64_t *bi = malloc((size_t)cap * 2 * sizeof(int64_t));
