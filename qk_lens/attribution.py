@@ -132,7 +132,7 @@ def _project_factored(
     if scale is not None:
         coef = coef / scale
     pre = per_row[:, which] * coef[None, :, None]
-    # ... and the others (bias, error) are projected as they are
+    # ... and the others (dictionary bias, error, inactive slots) are projected as they are
     rest = torch.nonzero(~factored)[:, 0]
     vectors = pb.vectors.reshape(-1, d_model)[rest]
     pre[:, rest] = qk.pre_rotary(side, vectors, flat_pos[rest], heads, pb.space)

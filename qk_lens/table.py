@@ -3,8 +3,8 @@
 Both sides are projected once for every position and head (``[head, pos, slot, d_head]``, i.e.
 memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, all at once
 (or ``chunk_size`` query positions at a time), to ``qk_lens.topk_terms``, which keeps each pair's
-top-k terms while it multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No T²·slots² tensor ever exists;
-the output is pairs × (top_k + 1) rows.
+top-k terms while it multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No
+T²·slots² tensor ever exists; the output is pairs × (top_k + 1) rows.
 """
 
 from __future__ import annotations

@@ -180,25 +180,23 @@ def _build_c_library():
     fn.argtypes = [f, f, i64, f, f, i64, f, i64, i64, i64] + [ctypes.c_int64] * 9
     fn.argtypes += [i64, f, i64, i64]
     fn.restype = ctypes.c_int64
-    dll.qk_block_columns.restype = ctypes.c_int64
-    return _Kernel(fn, int(dll.qk_block_columns()))
+    dll.qk_block_columns.restype = dll.qk_block_rows.restype = ctypes.c_int64
+    return _Kernel(fn, int(dll.qk_block_rows()), int(dll.qk_block_columns()))
 
 
 @dataclass(frozen=True)
 class _Kernel:
     fn: Any
-    block_columns: int  # query parts are padded to a multiple of this (the C source's CB)
-
-
-_BLOCK_ROWS = 4  # RB in the C source
+    block_rows: int  # key parts per block (the C source's RB)
+    block_columns: int  # query parts per block (CB): they are padded to a multiple of it
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """One lasting pool per thread count (the table calls the kernel once per chunk), and per
-    process: a forked child inherits the pool object but not its threads."""
+    """One lasting pool per thread count (no thread start-up per call), and per process: a
+    forked child inherits the pool object but not its threads."""
     key = (os.getpid(), threads)
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="qk_lens_top_terms")
@@ -238,17 +236,16 @@ def _fused(Q, K, hh, qq, kk, top_k, stats, progress):
     vals = np.empty((n, top_k), dtype=np.float32)
     idx = np.empty((n, top_k), dtype=np.int64)
     fp, ip = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
-    keep = [Qt.numpy(), qn.numpy(), qc.numpy(), Kc, zero, rows.contiguous().numpy()]
-    keep += [kn.contiguous().numpy(), h, q, k]
-    keep.append(np.ascontiguousarray(order.numpy(), dtype=np.int64))  # kernel pair → output row
-    args = [a.ctypes.data_as(ip if a.dtype == np.int64 else fp) for a in keep]
-    out = [vals.ctypes.data_as(fp), idx.ctypes.data_as(ip)]
-
+    out_row = np.ascontiguousarray(order.numpy(), dtype=np.int64)  # kernel pair → output row
+    # the arrays must outlive the calls: the kernel reads them through raw pointers
+    arrays = [Qt.numpy(), qn.numpy(), qc.numpy(), Kc, zero, rows.contiguous().numpy()]
+    arrays += [kn.contiguous().numpy(), h, q, k, out_row, vals, idx]
+    ptr = [a.ctypes.data_as(ip if a.dtype == np.int64 else fp) for a in arrays]
     dims = [Tq, Tk, Pk, Pq, Pqp, d, top_k]
 
     def run(span: tuple[int, int]) -> tuple[int, int]:
         blocks = ctypes.c_int64(0)
-        done = kernel.fn(*args[:10], *span, *dims, args[10], *out, ctypes.byref(blocks))
+        done = kernel.fn(*ptr[:10], *span, *dims, *ptr[10:], ctypes.byref(blocks))
         return done, blocks.value
 
     threads = max(1, torch.get_num_threads())
@@ -262,6 +259,6 @@ def _fused(Q, K, hh, qq, kk, top_k, stats, progress):
     if min(x[0] for x in done) < 0:
         raise MemoryError(f"the top-k kernel could not allocate its buffers (top_k={top_k})")
     if stats is not None:
-        blocks_per_pair = -(-Pk // _BLOCK_ROWS) * (Pqp // cb)
+        blocks_per_pair = -(-Pk // kernel.block_rows) * (Pqp // cb)
         stats["fraction_multiplied"] = sum(x[1] for x in done) / (n * blocks_per_pair)
     return torch.from_numpy(vals), torch.from_numpy(idx)

@@ -4,12 +4,12 @@
  * sides' parts are sorted largest-norm first, and blocks of RB key parts x CB query parts are
  * visited in decreasing order of their bound |k_a|.|q_b| over the block's largest parts
  * (Cauchy-Schwarz, with a margin for float32 rounding). The pair is done at the first block whose
- * bound cannot beat its running k-th largest |term|: no later block can. A computed block lives in registers (AVX-512 intrinsics where the compiler targets
- * AVX-512, else GCC vector extensions of the widest vector the target has); one compare per
- * register gives a bit mask of its terms that beat the threshold, and only those are appended
- * to a small buffer which, when full, is cut back to its top k by quickselect, raising the
- * threshold. Terms never go to memory beyond one block. Built and loaded
- * by qk_lens/topk_terms.py.
+ * bound cannot beat its running k-th largest |term|: no later block can. A computed block lives
+ * in registers (AVX-512 intrinsics where the compiler targets AVX-512, else GCC vector extensions
+ * of the widest vector the target has); one compare per register gives a bit mask of its terms
+ * that beat the threshold, and only those are appended to a small buffer which, when full, is
+ * cut back to its top k by quickselect, raising the threshold. Terms never go to memory beyond
+ * one block. Built and loaded by qk_lens/topk_terms.py.
  */
 #include <stdint.h>
 #include <string.h>
@@ -35,8 +35,9 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 /* |computed term| <= |k|.|q| (1 + d.eps) in float32, norms included; 1e-3 covers d up to ~8000 */
 #define MARGIN 1.001f
 
-/* Query parts are padded to a multiple of this (the Python side asks). */
+/* The block shape, for the Python side: query parts are padded to a multiple of CB. */
 int64_t qk_block_columns(void) { return CB; }
+int64_t qk_block_rows(void) { return RB; }
 
 /* The k-th largest of a[0..n) (0 < k <= n), using b[0..n) as scratch; a and b are clobbered.
  * Quickselect with branch-free three-way partitions (the candidates are few and random, so
@@ -174,7 +175,8 @@ static inline int block_terms(const float *restrict k0, const float *restrict k1
 }
 
 /* Qt: [H, Tq, Pqp / CB, d, CB] query parts transposed in blocks of CB columns (each block's
- *     d x CB terms contiguous), each (h, q)'s columns in decreasing norm, padding columns zero; q_norm: [H, Tq, Pqp] their norms (padding 0);
+ *     d x CB terms contiguous), each (h, q)'s columns in decreasing norm, padding columns zero;
+ *     q_norm: [H, Tq, Pqp] their norms (padding 0);
  *     q_col: [H, Tq, Pqp] each column's original query part.
  * K:  [H, Tk, Pk, d] key parts; zero: d zeros (stands in for the rows past Pk).
  * row_order: [H, Tk, Pk] the key parts of each (head, key) by decreasing norm; k_norm: [H, Tk, Pk]
@@ -235,7 +237,7 @@ int64_t qk_top_terms_f32(const float *Qt, const float *q_norm, const int64_t *q_
             if (!block_terms(k0, k1, k2, k3, Q + b0 * d, d, thr, blk, masks)) continue;
             int64_t rows = Pk - a0 < RB ? Pk - a0 : RB;
             int64_t cols = Pq - b0 < CB ? Pq - b0 : CB;
-            uint64_t real = cols == 64 ? ~0ull : (1ull << cols) - 1;  /* not padding columns */
+            uint64_t real = (1ull << cols) - 1;  /* not padding columns (cols <= CB <= 32) */
             for (int64_t r = 0; r < rows; r++) {
                 int64_t base = ro[a0 + r] * Pq;
                 for (uint64_t m = masks[r] & real; m; m &= m - 1) {  /* each term above thr */
