@@ -34,8 +34,11 @@ def main() -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from qk_lens import atlas as A
-    from qk_lens.attention import compute_dtype
-    from qk_lens.patterns import repeated_random_tokens
+    from qk_lens.arch import arch_of
+    from qk_lens.atlas import composition as C
+    from qk_lens.atlas import pattern_level as P
+    from qk_lens.atlas import weights as W
+    from qk_lens.atlas.probes import repeated_random_tokens
 
     cfg = HookedTransformerConfig(
         n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
@@ -43,7 +46,7 @@ def main() -> None:
     )  # fmt: skip
     model = HookedTransformer(cfg)
     model.eval()
-    dtype = compute_dtype(model)
+    dtype = arch_of(model).dtype
     tokens = torch.randint(0, cfg.d_vocab, (1, 256))
 
     with torch.no_grad():
@@ -62,26 +65,26 @@ def main() -> None:
             stages[name] = best_of(keep, args.repeats)
             return result
 
-        weights = stage("norm-folded weights", lambda: A.HeadWeights.from_model(model, dtype))
+        weights = stage("norm-folded weights", lambda: W.HeadWeights.from_model(model, dtype))
         moments = stage(
-            "vocabulary moments (W_U Ê, ÊᵀÊ)", lambda: A.TokenMoments.from_model(model, dtype)
+            "vocabulary moments (W_U Ê, ÊᵀÊ)", lambda: W.TokenMoments.from_model(model, dtype)
         )
         factors, (scores, spectra) = stage(
             "spectra, eigenvalue scores, same-token",
-            lambda: (f := weights.factors(), A._weight_scores(weights, f, moments)),
+            lambda: (f := weights.factors(), W.weight_scores(weights, f, moments)),
         )
 
         def composition():
-            raw = A._composition_scores(weights, factors)
+            raw = C.composition_scores(weights, factors)
             comp = A.Composition.from_scores(raw, spectra.qk_singular, spectra.ov_singular, 767)
-            return A._virtual_heads(weights, moments, comp, scores["ov_copying"], 3.0)
+            return C.virtual_heads(weights, moments, comp, scores["ov_copying"], 3.0)
 
         stage("composition (Q, K, V) + baseline + virtual heads", composition)
         weight_total = sum(stages.values())
 
         probes = repeated_random_tokens(model, n=args.n_probes, length=args.probe_length)
         t_patterns = best_of(
-            lambda: A._pattern_scores(model, [probes], [args.probe_length], 16, False),
+            lambda: P.pooled_pattern_scores(model, [probes], [args.probe_length], 16, False),
             args.repeats,
         )
 

@@ -74,8 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from qk_lens.graph import attribution_graph
-    from qk_lens.loadings import head_loadings
+    from qk_lens.graph import attribution_graph, head_loadings
 
     t0 = time.perf_counter()
     model, tokens = build(args.tokens, args.k, args.d_sae)

@@ -5,20 +5,38 @@
 >>> model.add_dictionary(sae)              # a SAELens SAE on the residual entering a layer
 >>> attr = model.qk_attribution(prompt, layer, head, q_pos, k_pos)
 >>> attr.top(10)
+
+The package reads as its data flows (docs/README.md): ``arch`` (how a model family is wired) →
+``capture`` (one forward) → ``dictionaries`` / ``bases`` (the residual as a sum of parts) →
+``attribution`` (terms, contrasts, tables) → ``graph`` / ``steering`` / ``atlas`` → ``views`` →
+``mixin`` (the methods on the model) → ``demo`` / ``cli``.
 """
 
-from qk_lens.atlas import HeadAtlas, head_atlas
-from qk_lens.attribution import CompletenessError, QKAttribution, QKAttributions
+from qk_lens import views as views  # registers the renderers results use for their HTML
+from qk_lens.atlas import HeadAtlas, head_atlas, pattern_scores
+from qk_lens.attribution import (
+    CompletenessError,
+    Components,
+    GroupedTerms,
+    QKAttribution,
+    QKAttributions,
+    QKContrast,
+    inhibitors,
+)
 from qk_lens.bases import DictionaryBasis, PartsBatch, UpstreamBasis
 from qk_lens.capture import Capture
-from qk_lens.contrast import Components, GroupedTerms, QKContrast, inhibitors
 from qk_lens.dictionaries import Decomposition, Dictionary
-from qk_lens.export import save_neuronpedia, to_neuronpedia
-from qk_lens.graph import Graph, attribution_graph
+from qk_lens.graph import (
+    Graph,
+    HeadLoadings,
+    attribution_graph,
+    head_loadings,
+    save_neuronpedia,
+    to_neuronpedia,
+)
 from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_features, load_labels
-from qk_lens.loadings import HeadLoadings, head_loadings
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
-from qk_lens.patterns import pattern_scores
+from qk_lens.moved import install as _install_moved_modules
 from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
 
 __all__ = [
@@ -58,3 +76,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_install_moved_modules()

@@ -10,7 +10,7 @@ because its parts sum to the residual the layer reads; the tests hold them to th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,9 +18,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from qk_lens.attention import compute_dtype, linearize_norm, norm_kind
+from qk_lens.arch import arch_of
 from qk_lens.capture import Capture
 from qk_lens.dictionaries import Decomposition, Dictionary
 
@@ -51,7 +50,7 @@ class PartsBatch:
 Meta = dict[str, np.ndarray]  # one array per column of PART_COLUMNS, one entry per part
 
 
-def _meta(
+def part_meta(
     kind: np.ndarray | str,
     layer: np.ndarray | int,
     head: np.ndarray | int,
@@ -87,6 +86,17 @@ def meta_frame(meta: Meta) -> pd.DataFrame:
     return pd.DataFrame(meta, columns=PART_COLUMNS)
 
 
+class Basis(Protocol):
+    """A way of writing the residual entering a layer as a sum of parts (at each position)."""
+
+    @property
+    def key(self) -> tuple: ...
+
+    def parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> PartsBatch: ...
+
+
 class DictionaryBasis:
     """Active dictionary features f_i·d_i, the dictionary bias and the error, per position."""
 
@@ -101,10 +111,9 @@ class DictionaryBasis:
         self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
     ) -> PartsBatch:
         d = self.dictionary
-        dt = compute_dtype(model)
-        hook = "ln1.hook_normalized" if d.space == "normalized" else "hook_resid_pre"
-        x = cap.layer_act(layer, hook).to(dt)[positions]
-        dec = self._decompose(cap, layer, x, positions)
+        dt = arch_of(model).dtype
+        x = cap.get(d.capture_hook).to(dt)[positions]
+        dec = self.decompose(cap, layer, x, positions)
         W_dec = d.decoder(dt, x.device)
         n_pos, k = dec.feature_ids.shape
         active = dec.feature_ids >= 0
@@ -119,7 +128,7 @@ class DictionaryBasis:
         act_mask = active.numpy()
         f_pos = np.broadcast_to(pos_np[:, None], ids.shape)[act_mask]
         f_ids = ids[act_mask]
-        f_meta = _meta(
+        f_meta = part_meta(
             np.full(len(f_ids), "feature", dtype=object),
             layer,
             -1,
@@ -135,7 +144,7 @@ class DictionaryBasis:
             kind="stable",
         )  # fmt: skip
         extra_kind = np.array(["dictionary bias", "error"] * n_pos, dtype=object)
-        extra_meta = _meta(
+        extra_meta = part_meta(
             extra_kind,
             layer,
             -1,
@@ -149,7 +158,7 @@ class DictionaryBasis:
         coeffs = torch.cat([dec.coeffs, torch.zeros(n_pos, 2, dtype=dec.coeffs.dtype)], dim=1)
         return PartsBatch(positions, vectors, valid, meta, d.space, W_dec, row_ids, coeffs)
 
-    def _decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
+    def decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
         """Decompose only positions not yet decomposed on this capture; reuse the rest."""
         store = cap.derived.setdefault(("decomp", id(self.dictionary), layer, x.dtype), {})
         pos_list = positions.tolist()
@@ -189,8 +198,8 @@ class UpstreamBasis:
     def parts(
         self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
     ) -> PartsBatch:
-        cfg = model.cfg
-        dt = compute_dtype(model)
+        arch = arch_of(model)
+        dt = arch.dtype
         vecs: list[Tensor] = []  # each [n_pos, n, d_model]
         kinds: list[str] = []
         layers: list[int] = []
@@ -204,49 +213,45 @@ class UpstreamBasis:
             heads.append(head)
             labels.append(label)
 
-        add(cap.get("hook_embed")[positions], "token embedding", -1, -1, "token embedding")
-        if cfg.positional_embedding_type == "standard":
+        embed_hook, pos_hook = arch.embed_hooks
+        add(cap.get(embed_hook)[positions], "token embedding", -1, -1, "token embedding")
+        if arch.has_pos_embed_part:
             add(
-                cap.get("hook_pos_embed")[positions],
+                cap.get(pos_hook)[positions],
                 "positional embedding",
                 -1,
                 -1,
                 "positional embedding",
             )
         for lyr in range(layer):
-            block = model.blocks[lyr]
-            z = cap.layer_act(lyr, "attn.hook_z").to(dt)[positions]  # [n, head, d_head]
-            W_O = block.attn.W_O.detach().to(dt)
-            head_out = torch.einsum("n h e, h e d -> n h d", z, W_O)
-            b_O = block.attn.b_O.detach().to(dt)[None].expand(len(positions), -1)
-            post = self._post_norm(model, cap, lyr)
+            la = arch.layer(lyr)
+            z = cap.layer_act(lyr, la.hooks.z).to(dt)[positions]  # [n, head, d_head]
+            head_out = torch.einsum("n h e, h e d -> n h d", z, la.W_O)
+            b_O = la.b_O[None].expand(len(positions), -1)
+            post = la.attn_out
             if post is not None:
                 # Attention output is normalized before the residual add; at the frozen scale the
                 # norm is linear, so each head's share is its output through that linear map.
-                kind, scale, w, b = post
+                scale = cap.layer_act(lyr, post.scale_hook).to(dt).reshape(cap.n_tokens, -1)[:, 0]
                 s = scale[positions]
                 n, H, d = head_out.shape
-                head_out = linearize_norm(
-                    head_out.reshape(n * H, d), s.repeat_interleave(H), kind, w
-                )
+                head_out = post.linear(head_out.reshape(n * H, d), s.repeat_interleave(H))
                 head_out = head_out.reshape(n, H, d)
-                b_O = linearize_norm(b_O, s, kind, w)
-                if b is not None:
-                    b_O = b_O + b
-            for h in range(cfg.n_heads):
+                b_O = post.forward(b_O, s)
+            for h in range(la.n_heads):
                 vecs.append(head_out[:, h : h + 1])
                 kinds.append("head")
                 layers.append(lyr)
                 heads.append(h)
                 labels.append(f"L{lyr}H{h}")
             add(b_O, "attention bias out", lyr, -1, f"L{lyr} attn b_O")
-            if not cfg.attn_only:
-                add(cap.layer_act(lyr, "hook_mlp_out")[positions], "mlp", lyr, -1, f"L{lyr} MLP")
+            if la.hooks.mlp_out is not None:
+                add(cap.layer_act(lyr, la.hooks.mlp_out)[positions], "mlp", lyr, -1, f"L{lyr} MLP")
         vectors = torch.cat(vecs, dim=1)
         n_pos, n_slots = vectors.shape[:2]
         valid = torch.ones(n_pos, n_slots, dtype=torch.bool)
         pos_np = np.repeat(positions.numpy(), n_slots)
-        meta = _meta(
+        meta = part_meta(
             np.tile(np.array(kinds, dtype=object), n_pos),
             np.tile(np.array(layers), n_pos),
             np.tile(np.array(heads), n_pos),
@@ -256,20 +261,3 @@ class UpstreamBasis:
             np.tile(np.array(labels, dtype=object), n_pos),
         )
         return PartsBatch(positions, vectors, valid, meta, "resid")
-
-    @staticmethod
-    def _post_norm(model: Any, cap: Capture, lyr: int) -> tuple | None:
-        cfg = model.cfg
-        block = model.blocks[lyr]
-        if cfg.use_normalization_before_and_after:
-            module, name = block.ln1_post, "ln1_post.hook_scale"
-        elif cfg.original_architecture in POST_NORM_ARCHITECTURES:
-            module, name = block.ln1, "ln1.hook_scale"
-        else:
-            return None
-        dt = compute_dtype(model)
-        kind = norm_kind(module)
-        scale = cap.layer_act(lyr, name).to(dt).reshape(cap.n_tokens, -1)[:, 0]
-        w = module.w.detach().to(dt) if hasattr(module, "w") else None
-        b = module.b.detach().to(dt) if hasattr(module, "b") else None
-        return kind, scale, w, b

@@ -8,6 +8,7 @@ parameters, so a later call on the same prompt reuses it and an in-place weight 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,25 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-# Per-layer hooks the explanations read. Names that a model lacks are simply absent.
-_LAYER_HOOKS = (
-    "hook_resid_pre",
-    "ln1.hook_scale",
-    "ln1.hook_normalized",
-    "ln1_post.hook_scale",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_rot_q",
-    "attn.hook_rot_k",
-    "attn.q_norm.hook_scale",
-    "attn.k_norm.hook_scale",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_mlp_out",
-)
-_MODEL_HOOKS = ("hook_embed", "hook_pos_embed")
+from qk_lens.arch import arch_of
 
 
 def prompt_to_tokens(model: Any, prompt: Any) -> Int[Tensor, "pos"]:
@@ -73,28 +56,31 @@ def prompt_to_tokens(model: Any, prompt: Any) -> Int[Tensor, "pos"]:
     tokens = tokens.detach().to("cpu", torch.long)
     if tokens.numel() == 0:
         raise ValueError("prompt has no tokens; give at least one token")
-    d_vocab = model.cfg.d_vocab
+    arch = arch_of(model)
+    d_vocab = arch.d_vocab
     if tokens.min() < 0 or tokens.max() >= d_vocab:
         raise ValueError(
             f"token ids must lie in [0, {d_vocab}) for this model; got range "
             f"[{int(tokens.min())}, {int(tokens.max())}]"
         )
-    if tokens.numel() > model.cfg.n_ctx:
-        raise ValueError(
-            f"prompt has {tokens.numel()} tokens; this model's n_ctx is {model.cfg.n_ctx}"
-        )
+    if tokens.numel() > arch.n_ctx:
+        raise ValueError(f"prompt has {tokens.numel()} tokens; this model's n_ctx is {arch.n_ctx}")
     return tokens
 
 
 @dataclass
 class Capture:
-    """Everything frozen for one prompt: tokens and the cached hook activations (batch dim dropped)."""
+    """Everything frozen for one prompt: tokens and the cached hook activations (batch dim dropped,
+    except for the flattened ``[pos·head, 1]`` qk-norm scales)."""
 
     tokens: Int[Tensor, "pos"]
     acts: dict[str, Tensor]
     str_tokens: list[str] | None
-    # Derived per-layer data (dictionary decompositions, upstream parts, attention maps), filled lazily.
+    # Derived per-layer data (dictionary decompositions, frozen maps, raw scores), filled lazily.
     derived: dict[Any, Any] = field(default_factory=dict)
+    # Maps the recorded input of the unembedding to the model's logits (same modules, same ops).
+    unembed: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    logits_input: str | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -118,37 +104,47 @@ class Capture:
     def scores(self, layer: int) -> Float[Tensor, "head q k"]:
         return self.layer_act(layer, "attn.hook_attn_scores")
 
+    def batched(self, name: str) -> Tensor:
+        """The recorded tensor with its batch axis of 1 put back, as a forward's hook sees it."""
+        t = self.get(name)
+        return t if name.endswith("norm.hook_scale") else t[None]
 
-def _wanted_hooks(model: Any) -> set[str]:
-    names = set(_MODEL_HOOKS)
-    for layer in range(model.cfg.n_layers):
-        names.update(f"blocks.{layer}.{h}" for h in _LAYER_HOOKS)
-    return names & set(model.hook_dict)
+    def logits(self) -> Float[Tensor, "pos vocab"]:
+        """The forward's logits (output softcap included), from the recorded unembedding input:
+        the same modules on the same tensor, so the same numbers, without a second forward."""
+        if "logits" not in self.derived:
+            if self.unembed is None or self.logits_input is None:
+                raise ValueError("this capture was made without the unembedding's input")
+            with torch.no_grad():
+                self.derived["logits"] = self.unembed(self.get(self.logits_input)[None])[0]
+        return self.derived["logits"]
 
 
 def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:
     """One forward pass with hooks recording what every explanation on this prompt needs."""
-    wanted = _wanted_hooks(model)
+    arch = arch_of(model)
+    wanted = arch.capture_hooks()
     acts: dict[str, Tensor] = {}
 
     def save(tensor: Tensor, hook: Any) -> None:
         acts[hook.name] = tensor.detach()
 
-    device = model.cfg.device
     with torch.no_grad():
         model.run_with_hooks(
-            tokens[None].to(device),
+            tokens[None].to(arch.device),
             fwd_hooks=[(lambda name: name in wanted, save)],
             return_type=None,
         )
-    # Drop the batch axis; q_norm/k_norm scales are flattened [batch*pos*head, 1] in TL.
+    # Drop the batch axis; q_norm/k_norm scales are flattened [batch*pos*head, 1].
     squeezed = {}
     for name, t in acts.items():
-        squeezed[name] = t[0] if t.shape[0] == 1 and not name.endswith("norm.hook_scale") else t
+        squeezed[name] = t if name.endswith("norm.hook_scale") else t[0]
     str_tokens = None
     if model.tokenizer is not None:
         str_tokens = [model.tokenizer.decode([t]) for t in tokens.tolist()]
-    return Capture(tokens=tokens, acts=squeezed, str_tokens=str_tokens)
+    return Capture(
+        tokens, squeezed, str_tokens, unembed=arch.logits, logits_input=arch.logits_input
+    )
 
 
 class CaptureCache:
@@ -178,7 +174,8 @@ class CaptureCache:
             self._params = list(model.parameters())
             self._items.clear()
         versions = tuple(p._version for p in self._params)
-        return (tuple(tokens.tolist()), versions, model.cfg.dtype, str(model.cfg.device))
+        arch = arch_of(model)
+        return (tuple(tokens.tolist()), versions, arch.model_dtype, str(arch.device))
 
     def get(self, model: Any, tokens: Tensor) -> Capture:
         key = self._key(model, tokens)

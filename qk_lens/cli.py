@@ -9,7 +9,7 @@ file (or ``--prompt``), written as one CSV / JSON Lines / Parquet table with a `
 Models: a bundled toy model or directory, or any TransformerLens name (downloaded) with SAELens
 SAEs (``--sae-release`` and ``--sae-id``). Exit status 0, or 2 on missing pieces / bad input.
 
-``qk-lens train`` (also ``python -m qk_lens.toy.train``): rebuild a bundled toy model, its SAEs
+``qk-lens train`` (also ``python -m qk_lens train``): rebuild a bundled toy model, its SAEs
 and labels from nothing (``qk_lens.toy.train.build``), printing one JSON summary per stage.
 """
 
@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
             if value is not None:
                 rest += [flag, str(value)]
         procs = [
-            subprocess.Popen([sys.executable, "-m", "qk_lens.toy.train", "--model", name, *rest])
+            subprocess.Popen([sys.executable, "-m", "qk_lens", "train", "--model", name, *rest])
             for name in sorted(RECIPES)
         ]
         return max(p.wait() for p in procs)
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=DEFAULT_MODEL,
         help=f"bundled model ({', '.join(NAMES)}) or a directory written by "
-        f"`python -m qk_lens.toy.train --out DIR` (default: {DEFAULT_MODEL})",
+        f"`qk-lens train --out DIR` (default: {DEFAULT_MODEL})",
     )
     demo.add_argument(
         "--prompt",
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="rebuild a bundled toy model, its SAEs and labels from nothing",
         description="Train a bundled toy model and its dictionaries (fixed seeds, one thread "
-        "each: bit-reproducible). Same as `python -m qk_lens.toy.train`.",
+        "each: bit-reproducible). Same as `python -m qk_lens train`.",
     )
     train.add_argument("--model", choices=[*sorted(RECIPES), "all"], default=DEFAULT_MODEL,
                        help="'all' trains every bundled model at once, one process (and core) "

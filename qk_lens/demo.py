@@ -18,8 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qk_lens.atlas.probes import (
+    SCORE_COLUMNS,
+    default_probe_length,
+    pattern_scores,
+    repeated_random_tokens,
+    strongest,
+)
 from qk_lens.attribution import QKAttribution
-from qk_lens.patterns import SCORE_COLUMNS, default_probe_length, pattern_scores, strongest
+from qk_lens.views import Report, bar_list, pattern_heatmap, table
 
 _LABEL = re.compile(r"^\s*(current token|previous token)\s*=\s*(.+?)\s*$")
 # a head "is" a previous-token / induction head above these mean attentions on the probes
@@ -122,10 +129,8 @@ class InductionStory:
         lines += ["", self.verdict()]
         return "\n".join(lines)
 
-    def report(self) -> Any:
+    def report(self) -> Report:
         """A self-contained HTML :class:`qk_lens.views.Report`."""
-        from qk_lens.views import Report, bar_list, pattern_heatmap, table
-
         (pl, ph), (il, ih) = self.previous_token_head, self.induction_head
         rep = Report(f"qk_lens demo: the induction story on {self.model_name}")
         rep.verdict(self.confirmed, self.verdict())
@@ -187,8 +192,6 @@ class InductionStory:
 def default_prompt(model: Any, length: int = 9, seed: int = 7) -> Any:
     """``BOS, s, s`` with ``s`` ``length`` distinct random tokens of the model's vocabulary (as token
     ids, so it works with any tokenizer)."""
-    from qk_lens.patterns import repeated_random_tokens
-
     length = min(length, (model.cfg.n_ctx - 1) // 2)
     return repeated_random_tokens(model, n=1, length=length, seed=seed)
 

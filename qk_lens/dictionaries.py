@@ -8,6 +8,7 @@ per-token bias; ``rescale_acts_by_decoder_norm`` becomes a per-feature factor on
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from sae_lens.saes import TemporalSAE, Transcoder
 from sae_lens.util import extract_layer_from_tlens_hook_name
 from torch import Tensor
 
+from qk_lens.arch import ModelArch, arch_of, supported
 from qk_lens.labels import LabelSet, load_labels
 
 __all__ = [
@@ -155,8 +157,9 @@ def _check_architecture(sae: SAE, hook_name: str, suggest: int | None) -> None:
         )
 
 
-def _serves(hook_name: str, n_layers: int, model_cfg: Any, suggest: int | None) -> tuple[int, str]:
+def _serves(hook_name: str, arch: ModelArch, suggest: int | None) -> tuple[int, str]:
     """(attention layer, space) the SAE's hook feeds, or a ValueError saying what would work."""
+    n_layers = arch.n_layers
     if m := _RESID_PRE.fullmatch(hook_name):
         return int(m.group(1)), "resid"
     if m := _RESID_POST.fullmatch(hook_name):
@@ -169,7 +172,8 @@ def _serves(hook_name: str, n_layers: int, model_cfg: Any, suggest: int | None) 
             )
         return n + 1, "resid"
     if m := _LN1_NORMALIZED.fullmatch(hook_name):
-        if getattr(model_cfg, "normalization_type", "LN") is None:
+        layer = int(m.group(1))
+        if layer < n_layers and arch.layer(layer).attn_in.is_identity:
             raise ValueError(
                 f"the SAE reads {hook_name!r} but the model has no ln1 (normalization_type=None); "
                 f"use an SAE on {_qk_hooks(int(m.group(1)))}."
@@ -177,7 +181,7 @@ def _serves(hook_name: str, n_layers: int, model_cfg: Any, suggest: int | None) 
         return int(m.group(1)), "normalized"
     if hook_name == "hook_embed":
         # Without additive positional embeddings, the embedding is the residual entering block 0.
-        if getattr(model_cfg, "positional_embedding_type", "standard") == "standard":
+        if arch.has_pos_embed_part:
             raise ValueError(
                 "the SAE reads 'hook_embed', but this model adds positional embeddings before "
                 "block 0, so it is not the residual attention layer 0 reads; use an SAE on "
@@ -225,21 +229,20 @@ class Dictionary:
     ) -> Dictionary:
         """Validate ``sae`` for the QK slot of ``model`` and infer the attention layer it serves.
 
-        ``model`` is a TransformerLens model (only ``model.cfg`` is read). ``layer``, if given, must
+        ``model`` is a model qk_lens has an architecture adapter for. ``layer``, if given, must
         agree with the layer inferred from ``sae.cfg.metadata.hook_name``. ``labels`` is anything
         :func:`qk_lens.labels.load_labels` reads: a mapping feature id -> description, a LabelSet,
         or a path to a JSON / LabelSet / Neuronpedia export file.
         """
         if not isinstance(sae, SAE):
             raise TypeError(f"expected a sae_lens.SAE, got {_class_name(sae)}")
-        model_cfg = getattr(model, "cfg", None)
-        n_layers = getattr(model_cfg, "n_layers", None)
-        d_model = getattr(model_cfg, "d_model", None)
-        if not isinstance(n_layers, int) or not isinstance(d_model, int):
+        if not supported(model):
             raise TypeError(
-                "model must be a TransformerLens model with cfg.n_layers and cfg.d_model, "
-                f"got {_class_name(model)}"
+                "model must be a TransformerLens model with cfg.n_layers and cfg.d_model (a "
+                f"model qk_lens has an architecture adapter for), got {_class_name(model)}"
             )
+        arch = arch_of(model)
+        n_layers, d_model = arch.n_layers, arch.d_model
         if layer is not None:
             if isinstance(layer, bool) or not hasattr(layer, "__index__"):
                 raise TypeError(f"layer must be an int or None, got {_class_name(layer)}")
@@ -262,7 +265,7 @@ class Dictionary:
                 f"outputs), not the residual stream; use an SAE on {_qk_hooks(suggest)}."
             )
 
-        inferred, space = _serves(hook_name, n_layers, model_cfg, suggest)
+        inferred, space = _serves(hook_name, arch, suggest)
         if not 0 <= inferred < n_layers:
             raise ValueError(
                 f"the SAE reads {hook_name!r}, which feeds attention layer {inferred}, outside "
@@ -343,6 +346,38 @@ class Dictionary:
     def clear_cache(self) -> None:
         self._decoder_cache.clear()
 
+    def encode_with_state(
+        self, x: Float[Tensor, "n_tok d_in"]
+    ) -> tuple[Float[Tensor, "n_tok d_sae"], dict[str, Tensor]]:
+        """The SAE's own ``encode`` of ``x`` (dense), and the per-token normalization state it
+        computed (``x_norm_coeff`` / ``ln_mu`` / ``ln_std`` for the runtime modes).
+
+        SAELens's encode stores that state on the SAE for the next decode to consume; it is
+        taken off here and whatever a caller's pending encode had left there is put back.
+        """
+        sae = self.sae
+        with torch.no_grad():
+            outer_state = _pop_norm_state(sae)
+            try:
+                acts = sae.encode(x)
+                norm_state = _pop_norm_state(sae)
+            finally:
+                _pop_norm_state(sae)
+                for name, value in outer_state.items():
+                    setattr(sae, name, value)
+        return (acts.to_dense() if acts.is_sparse else acts), norm_state
+
+    def encode(self, x: Float[Tensor, "n_tok d_in"]) -> Float[Tensor, "n_tok d_sae"]:
+        """Feature activations of ``x`` (SAELens's encode, dense), leaving the SAE's state as it was."""
+        return self.encode_with_state(x)[0]
+
+    @property
+    def capture_hook(self) -> str:
+        """The hook holding the tensor this dictionary reconstructs, for its attention layer."""
+        if self.space == "normalized":
+            return f"blocks.{self.layer}.ln1.hook_normalized"
+        return f"blocks.{self.layer}.hook_resid_pre"
+
     def decompose(self, x: Float[Tensor, "n_tok d_in"]) -> Decomposition:
         """Split each row of ``x`` exactly into active features, bias and error (no gradients).
 
@@ -366,18 +401,7 @@ class Dictionary:
         n_tok = x.shape[0]
 
         with torch.no_grad():
-            # encode stores per-token normalization factors on the SAE (decode consumes them);
-            # read ours, then put back whatever a caller's pending encode had left there.
-            outer_state = _pop_norm_state(sae)
-            try:
-                acts_sae = sae.encode(x.to(sae.device))
-                norm_state = _pop_norm_state(sae)
-            finally:
-                _pop_norm_state(sae)
-                for name, value in outer_state.items():
-                    setattr(sae, name, value)
-            if acts_sae.is_sparse:
-                acts_sae = acts_sae.to_dense()
+            acts_sae, norm_state = self.encode_with_state(x.to(sae.device))
 
             acts = acts_sae.to(device=device, dtype=dtype)
             active = (acts_sae != 0).to(device)
@@ -417,3 +441,51 @@ class Dictionary:
                 bias=bias,
                 error=error,
             )
+
+
+def encoder_readout(
+    d: Any, fids: Int[Tensor, "n"], x: Float[Tensor, "n d_model"], dtype: torch.dtype
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n"]]:
+    """(w_t, c_t) with ``w_t · x + c_t`` = the SAE's pre-activation of feature t at that token.
+
+    Standard/topk/abstopk/jumprelu: ``W_enc`` column and ``b_enc − b_dec·W_enc`` (b_dec only when
+    applied to the input); gated: the magnitude path (``W_enc·exp(r_mag)``, ``b_mag``); TopK with
+    ``rescale_acts_by_decoder_norm``: times ‖W_dec_t‖. Runtime normalization is frozen at the
+    token: ``constant_norm_rescale`` scales by √d_in/‖x‖, ``layer_norm`` centres and divides by
+    (std + 1e-5).
+    """
+    sae, cfg = d.sae, d.sae.cfg
+    arch = cfg.architecture()
+    dev = x.device
+    if arch == "matching_pursuit":
+        raise ValueError(
+            f"the SAE on {d.hook_name!r} is a matching_pursuit SAE: its encoder is iterative, so no "
+            "feature has a linear pre-activation to read; use readout='decoder'"
+        )
+    idx = fids.to(sae.W_enc.device)
+
+    def p(t: Tensor) -> Tensor:
+        return t.detach()[..., idx].to(dev, dtype)
+
+    W = p(sae.W_enc).T  # [n, d_in]
+    if arch == "gated":
+        W = W * p(sae.r_mag).exp()[:, None]
+        b = p(sae.b_mag)
+    else:
+        b = p(sae.b_enc)
+    if getattr(cfg, "rescale_acts_by_decoder_norm", False):
+        norms = sae.W_dec.detach()[idx].norm(dim=-1).to(dev, dtype)
+        W, b = W * norms[:, None], b * norms
+    if cfg.apply_b_dec_to_input:
+        b = b - W @ sae.b_dec.detach().to(dev, dtype)
+    mode = cfg.normalize_activations
+    if mode == "constant_norm_rescale":
+        W = W * (math.sqrt(cfg.d_in) / x.norm(dim=-1))[:, None]
+    elif mode == "layer_norm":
+        std = (x - x.mean(-1, keepdim=True)).std(dim=-1)
+        W = (W - W.mean(-1, keepdim=True)) / (std + 1e-5)[:, None]
+    elif mode != "none":
+        raise ValueError(
+            f"the SAE on {d.hook_name!r} has normalize_activations={mode!r}; fold it first"
+        )
+    return W, b

@@ -365,8 +365,6 @@ def label_dictionary(
     ``model.tokenizer`` when there is one, else the ids as strings. Memory: the activations of all
     probe tokens are held at once, ``batch * seq * d_sae`` floats.
     """
-    from qk_lens.dictionaries import _pop_norm_state  # import cycle: dictionaries imports us
-
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.ndim != 2:
         raise ValueError("tokens must be an integer tensor of shape (batch, seq)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -386,15 +384,8 @@ def label_dictionary(
             )
             x = cache[dictionary.hook_name]
             x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=sae.dtype)
-            # encode may leave normalization state on the SAE; keep a caller's pending state.
-            outer_state = _pop_norm_state(sae)
-            try:
-                acts = sae.encode(x)
-            finally:
-                _pop_norm_state(sae)
-                for name, val in outer_state.items():
-                    setattr(sae, name, val)
-            chunks.append(acts.to_dense() if acts.is_sparse else acts)
+            acts = dictionary.encode(x)
+            chunks.append(acts)
     acts = torch.cat(chunks) if chunks else torch.zeros(0, dictionary.d_sae)
 
     # Predecessors within each sequence only; position 0 has none.

@@ -31,7 +31,7 @@ from qk_lens.atlas import (
     eigen_skew,
     head_atlas,
 )
-from qk_lens.patterns import pattern_scores, repeated_random_tokens
+from qk_lens.atlas.probes import pattern_scores, repeated_random_tokens
 from tests.archs import ARCH_NAMES, make_model
 
 torch.set_num_threads(1)

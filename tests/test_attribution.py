@@ -245,10 +245,10 @@ def test_factored_projection_equals_projecting_each_vector(arch, hook):
     every (position, slot) vector through LayerQK.project must give the same parts."""
     from dataclasses import replace
 
-    from qk_lens import attribution
-    from qk_lens.attention import LayerQK
     from qk_lens.attribution import project_side
+    from qk_lens.attribution.projection import FACTOR_MIN_POSITIONS
     from qk_lens.bases import DictionaryBasis
+    from qk_lens.state import layer_qk
 
     model = qk_lens.attach(make_model(arch))
     layer = model.cfg.n_layers - 1
@@ -259,11 +259,11 @@ def test_factored_projection_equals_projecting_each_vector(arch, hook):
     model.add_dictionary(sae)
     tokens = make_tokens(model, 10)[0]
     cap = model.qk_capture(tokens)
-    qk = LayerQK(model, layer, cap)
+    qk = layer_qk(model, cap, layer)
     basis = DictionaryBasis(model.qk_dictionaries[layer])
     positions, heads = torch.arange(10), torch.arange(model.cfg.n_heads)
 
-    assert len(positions) >= attribution._FACTOR_MIN_POSITIONS
+    assert len(positions) >= FACTOR_MIN_POSITIONS
 
     class Unfactored:
         def parts(self, *args):

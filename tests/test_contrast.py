@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qk_lens import toy
-from qk_lens.contrast import (
+from qk_lens.atlas.probes import pattern_scores, strongest
+from qk_lens.attribution.contrast import (
     components,
     contrast,
     contrast_attribution,
@@ -20,7 +21,6 @@ from qk_lens.contrast import (
     inhibitors,
 )
 from qk_lens.demo import parse_token_label
-from qk_lens.patterns import pattern_scores, strongest
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
 from tests.saes import attached_with_sae

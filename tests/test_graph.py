@@ -18,8 +18,7 @@ import pytest
 import torch
 
 import qk_lens
-from qk_lens.graph import Graph, attribution_graph
-from qk_lens.loadings import head_loadings
+from qk_lens.graph import Graph, attribution_graph, head_loadings
 from tests.archs import make_model, make_tokens
 from tests.saes import make_sae
 
@@ -469,7 +468,7 @@ def toy_graph():
 def test_neuronpedia_export_structure(toy_graph, tmp_path):
     import jsonschema
 
-    from qk_lens.export import save_neuronpedia, to_neuronpedia
+    from qk_lens.graph import save_neuronpedia, to_neuronpedia
 
     m, _, g = toy_graph
     hl = head_loadings(m, g)
@@ -510,7 +509,7 @@ def test_neuronpedia_export_structure(toy_graph, tmp_path):
 
 # ------------------------------------------------------------------------------ the toy model
 def test_toy_induction_edge_loading_and_qk_story(toy_graph):
-    from qk_lens.patterns import pattern_scores
+    from qk_lens.atlas.probes import pattern_scores
 
     m, prompt, g = toy_graph
     words = m.to_str_tokens(prompt)

@@ -10,8 +10,8 @@ import torch
 
 import qk_lens
 from qk_lens import toy
+from qk_lens.atlas.probes import pattern_scores, strongest
 from qk_lens.demo import parse_token_label
-from qk_lens.patterns import pattern_scores, strongest
 from qk_lens.steering import steer_qk, steer_qk_sweep, steer_resid
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
@@ -89,15 +89,19 @@ def test_gqa_other_heads_and_values_untouched():
         seen.append((hook.name, t.detach().clone()))
 
     names = [f"blocks.{layer}.attn.hook_attn_scores", f"blocks.{layer}.attn.hook_v"]
-    feats = active_features(model, tokens, layer, 9)
+    feats = active_features(model, tokens, layer, 9)  # captures the prompt: its one forward
     with model.hooks(fwd_hooks=[(n, rec) for n in names]):
+        model(tokens[None])  # a clean forward to compare with (steering reads the capture)
         r = steer_qk(model, tokens, layer, 0, "key", {feats[0]: 0.0}, positions=[9])
+    assert len(seen) == 4  # the clean forward here and the steered one: no second clean run
     clean = dict(seen[:2])
     steered = dict(seen[2:])
     s0, s1 = clean[names[0]][0], steered[names[0]][0]
     assert not torch.equal(s0[0], s1[0])  # head 0 moved
     assert torch.equal(s0[1:], s1[1:])  # head 1 shares head 0's kv group: untouched
-    assert torch.equal(clean[names[1]], steered[names[1]])
+    # the steered run gives each query head its own copy of its group's values (same numbers)
+    group = model.cfg.n_heads // model.cfg.n_key_value_heads
+    assert torch.equal(clean[names[1]].repeat_interleave(group, dim=2), steered[names[1]])
     assert not model.cfg.ungroup_grouped_query_attention  # the switch is restored
     assert r.check() < 1e-12
 
@@ -130,6 +134,7 @@ def test_freeze_other_patterns_holds_every_other_head():
     for freeze in (False, True):
         seen.clear()
         with model.hooks(fwd_hooks=[(n, rec) for n in names]):
+            model(tokens[None])  # a clean forward to compare with (steering reads the capture)
             r = steer_qk(model, tokens, 0, 2, "key", {feats[0]: 5.0}, freeze_other_patterns=freeze)
         (c0, s0), (c1, s1) = seen[names[0]], seen[names[1]]
         v, z = seen[names[2]][1], seen[names[3]][1]  # the steered run's values and mix

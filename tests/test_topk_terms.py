@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qk_lens
-import qk_lens.topk_terms as tt
+import qk_lens.attribution.topk as tt
 from tests.archs import make_model, make_tokens
 from tests.saes import make_sae
 

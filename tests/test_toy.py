@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from sae_lens import SAE
 
 from qk_lens import toy
+from qk_lens.atlas.probes import pattern_scores, strongest
 from qk_lens.demo import choose_pair, parse_token_label, run_story
-from qk_lens.patterns import pattern_scores, strongest
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
 
@@ -176,11 +176,12 @@ def test_unknown_model_name():
 
 # --------------------------------------------------------------------------- training scripts
 def test_training_script_runs_a_few_steps(tmp_path):
-    from qk_lens.toy.train import main
+    from qk_lens.cli import main
 
     assert (
         main(
             [
+                "train",
                 "--model",
                 "attn2-rope",
                 "--steps",
@@ -203,22 +204,23 @@ def test_training_script_runs_a_few_steps(tmp_path):
 
 
 def test_unknown_training_stage(tmp_path, capsys):
+    from qk_lens.cli import main
     from qk_lens.toy.recipes import RECIPES
-    from qk_lens.toy.train import build, main
+    from qk_lens.toy.train import build
 
     with pytest.raises(ValueError, match=r"unknown stages \['sae'\]; choose from model, saes"):
         next(build(RECIPES["attn2-ln"], tmp_path, ["sae"]))
-    assert main(["--stages", "model,sae", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--stages", "model,sae", "--out", str(tmp_path)]) == 2
     assert "unknown stages ['sae']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
 def test_training_script_all_models_side_by_side(tmp_path):
     """`--model all` trains every bundled model, each in its own process."""
-    from qk_lens.toy.train import main
+    from qk_lens.cli import main
 
     args = ["--steps", "2", "--sae-steps", "2", "--probe-sequences", "4", "--out", str(tmp_path)]
-    assert main(["--model", "all", *args]) == 0
+    assert main(["train", "--model", "all", *args]) == 0
     for name in toy.NAMES:
         model = toy.load(tmp_path / name)
         assert model.toy.config["training"]["steps"] == 2

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from qk_lens.arch import arch_of
 from qk_lens.labels import LabelSet
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.recipes import Recipe
@@ -58,23 +59,24 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
     It reads and trains the model's own parameters; ``tests/test_toy.py`` checks it against
     ``model(tokens)``.
     """
-    cfg = model.cfg
-    if not cfg.attn_only or cfg.normalization_type not in ("LN", "RMS"):
+    arch = arch_of(model)
+    norm = arch.layer(0).attn_in.kind
+    if not arch.attn_only or norm not in ("LN", "RMS"):
         raise ValueError("training_logits supports attention-only models with LN or RMS norms")
-    if cfg.positional_embedding_type not in ("standard", "rotary"):
-        raise ValueError(f"unsupported positional_embedding_type={cfg.positional_embedding_type}")
+    if arch.positional not in ("standard", "rotary"):
+        raise ValueError(f"unsupported positional embedding {arch.positional!r}")
     batch, seq = tokens.shape
     x = model.embed.W_E[tokens]
-    if cfg.positional_embedding_type == "standard":
+    if arch.positional == "standard":
         x = x + model.pos_embed.W_pos[:seq]
     for block in model.blocks:
         attn = block.attn
-        h = _norm(x, block.ln1, cfg.normalization_type)
+        h = _norm(x, block.ln1, norm)
         w_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=0)  # [3*head, d_model, d_head]
         b_qkv = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=0)
         qkv = torch.einsum("bpm,nmd->bpnd", h, w_qkv) + b_qkv
-        q, k, v = qkv.split(cfg.n_heads, dim=2)  # each [batch, pos, head, d_head]
-        if cfg.positional_embedding_type == "rotary":
+        q, k, v = qkv.split(arch.n_heads, dim=2)  # each [batch, pos, head, d_head]
+        if arch.positional == "rotary":
             q, k = attn.apply_rotary(q), attn.apply_rotary(k)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -84,7 +86,7 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
             scale=1.0 / attn.attn_scale,
         )  # [batch, head, pos, d_head]
         x = x + torch.einsum("bnpd,ndm->bpm", z, attn.W_O) + attn.b_O
-    x = _norm(x, model.ln_final, cfg.normalization_type)
+    x = _norm(x, model.ln_final, norm)
     return x @ model.unembed.W_U + model.unembed.b_U
 
 
@@ -340,12 +342,16 @@ def build(
         yield {"labels": summary}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qk_lens.toy.train ...`` is ``qk-lens train ...`` (see ``qk_lens.cli``)."""
-    from qk_lens.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The command lives with the others (``qk-lens train``); this entry point stays for a release.
+    import runpy
+    import warnings
+
+    warnings.warn(
+        "`python -m qk_lens.toy.train` is deprecated; use `qk-lens train` (or `python -m qk_lens "
+        "train`)",
+        DeprecationWarning,
+        stacklevel=1,
+    )
+    sys.argv[1:1] = ["train"]
+    runpy.run_module("qk_lens", run_name="__main__", alter_sys=True)

@@ -8,6 +8,15 @@
 >>> report.save("reports/l3h5.html")
 """
 
+from qk_lens.views.atlas import atlas_report, label_grid, score_heatmap
 from qk_lens.views.html import Report, bar_list, pattern_heatmap, table
 
-__all__ = ["Report", "bar_list", "pattern_heatmap", "table"]
+__all__ = [
+    "Report",
+    "atlas_report",
+    "bar_list",
+    "label_grid",
+    "pattern_heatmap",
+    "score_heatmap",
+    "table",
+]

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from qk_lens.views.html import _BLUE, _DARK_TEXT_AT, _RED, Report, _esc, _fig, _mix, table
+from qk_lens.atlas import SCORE_INFO
+from qk_lens.display import register
+from qk_lens.views.html import BLUE, DARK_TEXT_AT, RED, Report, esc, fig, mix, table
 
 if TYPE_CHECKING:
     from qk_lens.atlas import HeadAtlas
@@ -63,6 +65,7 @@ def _is_finite(value: Any) -> bool:
         return False
 
 
+@register("atlas.heatmap")
 def score_heatmap(
     frame: pd.DataFrame,
     score: str,
@@ -93,18 +96,18 @@ def score_heatmap(
         for head in range(n_heads):
             name, value = values.get((layer, head), (f"L{layer}H{head}", float("nan")))
             if not _is_finite(value):
-                parts.append(f'<td class="c m" title="{_esc(name)}: {_esc(score)} n/a"></td>')
+                parts.append(f'<td class="c m" title="{esc(name)}: {esc(score)} n/a"></td>')
                 continue
             v = float(value)
             t = abs(v) / scale if scale and scale > 0 else 0.0
-            colour = _mix(_RED if (signed and v < 0) else _BLUE, t)
-            style = f"background:{colour}" + (";color:#fff" if t > _DARK_TEXT_AT else "")
-            tip = f"{_esc(name)}: {_esc(score)} = {v:.4g}"
+            colour = mix(RED if (signed and v < 0) else BLUE, t)
+            style = f"background:{colour}" + (";color:#fff" if t > DARK_TEXT_AT else "")
+            tip = f"{esc(name)}: {esc(score)} = {v:.4g}"
             parts.append(f'<td class="c" style="{style}" title="{tip}">{v:.2f}</td>')
         parts.append("</tr>")
     parts.append("</tbody></table>")
     body = f'<div class="qkl-scroll">{"".join(parts)}</div>'
-    return _fig(body, title, caption, "qkl-atlas-heatmap")
+    return fig(body, title, caption, "qkl-atlas-heatmap")
 
 
 def _cells(frame: pd.DataFrame, score: str) -> list[Any]:
@@ -112,6 +115,7 @@ def _cells(frame: pd.DataFrame, score: str) -> list[Any]:
     return list(sub.itertuples(index=False))
 
 
+@register("atlas.grid")
 def label_grid(
     frame: pd.DataFrame, labels: Sequence[str] = tuple(LABEL_COLOURS), title: str = ""
 ) -> str:
@@ -135,30 +139,29 @@ def label_grid(
                 continue
             head_labels = list(row.labels)
             colour = LABEL_COLOURS.get(head_labels[0], _FALLBACK) if head_labels else "#ffffff"
-            text = "<br>".join(_esc(lab) for lab in head_labels) or "&middot;"
-            tip = _esc(row.evidence or "no label")
+            text = "<br>".join(esc(lab) for lab in head_labels) or "&middot;"
+            tip = esc(row.evidence or "no label")
             parts.append(
                 f'<td style="{_CELL};background:{colour}" title="{tip}">'
-                f"<b>{_esc(row.name)}</b><br>{text}</td>"
+                f"<b>{esc(row.name)}</b><br>{text}</td>"
             )
         parts.append("</tr>")
     parts.append("</tbody></table>")
     legend = " ".join(
         f'<span style="display:inline-block;padding:0 .4em;margin:.1em;'
-        f'background:{LABEL_COLOURS.get(lab, _FALLBACK)}">{_esc(lab)}</span>'
+        f'background:{LABEL_COLOURS.get(lab, _FALLBACK)}">{esc(lab)}</span>'
         for lab in labels
     )
     body = (
         f'<div class="qkl-scroll">{"".join(parts)}</div><div style="margin-top:.3em">{legend}</div>'
     )
     caption = "A cell's colour is its first label; hover over it for the evidence."
-    return _fig(body, title, caption, "qkl-atlas-grid")
+    return fig(body, title, caption, "qkl-atlas-grid")
 
 
+@register("atlas.report")
 def atlas_report(atlas: HeadAtlas, title: str) -> Report:
     """The full report: summary, label grid, labelled heads, heatmaps, composition, thresholds."""
-    from qk_lens.atlas import SCORE_INFO
-
     frame = atlas.frame
     info = atlas.info
     report = Report(title)

@@ -36,12 +36,12 @@ __all__ = ["Report", "bar_list", "pattern_heatmap", "table"]
 # Above this many key columns the heatmap switches to compact cells without printed numbers.
 MAX_NUMBERED_WIDTH = 32
 
-_WHITE = (255, 255, 255)
-_BLUE = (33, 102, 172)  # positive / attention probability
-_RED = (178, 24, 43)  # negative
-_HIGHLIGHT = "outline:2px solid #f28e2b;outline-offset:-2px"
+WHITE = (255, 255, 255)
+BLUE = (33, 102, 172)  # positive / attention probability
+RED = (178, 24, 43)  # negative
+HIGHLIGHT = "outline:2px solid #f28e2b;outline-offset:-2px"
 # Past this intensity the fill is dark enough that white text reads better than black.
-_DARK_TEXT_AT = 0.6
+DARK_TEXT_AT = 0.6
 
 CSS = """
 .qkl{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
@@ -82,11 +82,11 @@ CSS = """
 
 
 # --------------------------------------------------------------------------- small helpers
-def _esc(value: Any) -> str:
+def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _mix(end: tuple[int, int, int], t: float) -> str:
+def mix(end: tuple[int, int, int], t: float) -> str:
     """White→``end`` at intensity ``t`` (clipped to [0, 1]); only picks a colour."""
     t = min(max(float(t), 0.0), 1.0)
     r, g, b = (round(255 + (e - 255) * t) for e in end)
@@ -98,9 +98,9 @@ def _token_label(token: str) -> str:
     return str(token).replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
-def _fig(body: str, title: str, caption: str, kind: str) -> str:
-    head = f'<div class="qkl-title">{_esc(title)}</div>' if title else ""
-    foot = f'<div class="qkl-caption">{_esc(caption)}</div>' if caption else ""
+def fig(body: str, title: str, caption: str, kind: str) -> str:
+    head = f'<div class="qkl-title">{esc(title)}</div>' if title else ""
+    foot = f'<div class="qkl-caption">{esc(caption)}</div>' if caption else ""
     return f'<div class="qkl-fig {kind}">{head}{body}{foot}</div>'
 
 
@@ -148,8 +148,8 @@ def pattern_heatmap(
         marked.add((q, k))
 
     numbered = n_k <= MAX_NUMBERED_WIDTH
-    esc_tok = [_esc(t) for t in tokens]
-    esc_quoted = [_esc(repr(t)) for t in tokens]  # quotes make leading spaces visible in tooltips
+    esc_tok = [esc(t) for t in tokens]
+    esc_quoted = [esc(repr(t)) for t in tokens]  # quotes make leading spaces visible in tooltips
 
     parts = [f'<table class="qkl-hm{"" if numbered else " compact"}"><thead><tr><th></th>']
     for k in range(n_k):
@@ -161,13 +161,13 @@ def pattern_heatmap(
         for k in range(n_k):
             v = float(row[k])
             tip = f"q{q} {esc_quoted[q]} → k{k} {esc_quoted[k]}"
-            ring = _HIGHLIGHT if (q, k) in marked else ""
+            ring = HIGHLIGHT if (q, k) in marked else ""
             if not math.isfinite(v):
                 style = f' style="{ring}"' if ring else ""
                 parts.append(f'<td class="c m"{style} title="{tip}: masked"></td>')
                 continue
-            style = f"background:{_mix(_BLUE, v)}"
-            if numbered and v > _DARK_TEXT_AT:
+            style = f"background:{mix(BLUE, v)}"
+            if numbered and v > DARK_TEXT_AT:
                 style += ";color:#fff"
             if ring:
                 style += ";" + ring
@@ -176,17 +176,17 @@ def pattern_heatmap(
         parts.append("</tr>")
     parts.append("</tbody></table>")
     body = f'<div class="qkl-scroll">{"".join(parts)}</div>'
-    return _fig(body, title, caption, "qkl-heatmap")
+    return fig(body, title, caption, "qkl-heatmap")
 
 
 # --------------------------------------------------------------------------- table
 def _format_cell(value: Any, float_format: str) -> tuple[str, bool]:
     """(escaped text, is_number)."""
     if isinstance(value, (float, np.floating)):
-        return _esc(float_format.format(value)), True
+        return esc(float_format.format(value)), True
     if _is_real(value):
-        return _esc(value), True
-    return _esc(value), False
+        return esc(value), True
+    return esc(value), False
 
 
 def _default_index(index: pd.Index) -> bool:
@@ -233,22 +233,22 @@ def table(
     parts = ['<table class="qkl-tab"><thead><tr>']
     if show_index:
         names = [n for n in df.index.names if n is not None]
-        parts.append(f"<th>{_esc(', '.join(map(str, names)))}</th>")
-    parts.extend(f"<th>{_esc(c)}</th>" for c in df.columns)
+        parts.append(f"<th>{esc(', '.join(map(str, names)))}</th>")
+    parts.extend(f"<th>{esc(c)}</th>" for c in df.columns)
     parts.append("</tr></thead><tbody>")
     for label, row in zip(shown.index, shown.itertuples(index=False, name=None), strict=True):
         parts.append("<tr>")
         if show_index:
             text = ", ".join(map(str, label)) if isinstance(label, tuple) else str(label)
-            parts.append(f"<th>{_esc(text)}</th>")
+            parts.append(f"<th>{esc(text)}</th>")
         for j, value in enumerate(row):
             text, is_number = _format_cell(value, float_format)
             attrs = ' class="n"' if is_number else ""
             top = scale.get(j, 0.0)
             if is_number and top > 0 and math.isfinite(value):
                 t = abs(float(value)) / top
-                style = f"background:{_mix(_RED if value < 0 else _BLUE, t)}"
-                if t > _DARK_TEXT_AT:
+                style = f"background:{mix(RED if value < 0 else BLUE, t)}"
+                if t > DARK_TEXT_AT:
                     style += ";color:#fff"
                 attrs += f' style="{style}"'
             parts.append(f"<td{attrs}>{text}</td>")
@@ -259,7 +259,7 @@ def table(
     elif len(df) == 0:
         parts.append('<div class="qkl-note">(no rows)</div>')
     body = f'<div class="qkl-scroll">{"".join(parts)}</div>'
-    return _fig(body, title, caption, "qkl-table")
+    return fig(body, title, caption, "qkl-table")
 
 
 # --------------------------------------------------------------------------- bars
@@ -270,7 +270,7 @@ def bar_list(items: Sequence[tuple[str, float]], title: str = "", caption: str =
     """
     items = [(str(label), float(value)) for label, value in items]
     if not items:
-        return _fig('<div class="qkl-note">(no items)</div>', title, caption, "qkl-bars")
+        return fig('<div class="qkl-note">(no items)</div>', title, caption, "qkl-bars")
     top = max((abs(v) for _, v in items if math.isfinite(v)), default=0.0)
     # Inline layout so the bars survive without the report stylesheet.
     half = "display:inline-block;width:10em;height:1em;vertical-align:middle"
@@ -278,17 +278,17 @@ def bar_list(items: Sequence[tuple[str, float]], title: str = "", caption: str =
     for label, value in items:
         share = abs(value) / top if top > 0 and math.isfinite(value) else 0.0
         width = f"{100 * share:.1f}%"
-        neg = f"width:{width};background:{_mix(_RED, 0.85)}" if value < 0 else "width:0"
-        pos = f"width:{width};background:{_mix(_BLUE, 0.85)}" if value > 0 else "width:0"
+        neg = f"width:{width};background:{mix(RED, 0.85)}" if value < 0 else "width:0"
+        pos = f"width:{width};background:{mix(BLUE, 0.85)}" if value > 0 else "width:0"
         parts.append(
-            f'<tr><td class="lbl">{_esc(_token_label(label))}</td><td>'
+            f'<tr><td class="lbl">{esc(_token_label(label))}</td><td>'
             f'<span style="{half};text-align:right;border-right:1px solid #888">'
             f'<span style="display:inline-block;height:100%;{neg}"></span></span>'
             f'<span style="{half}"><span style="display:inline-block;height:100%;{pos}">'
-            f'</span></span></td><td class="n">{_esc(f"{value:.4g}")}</td></tr>'
+            f'</span></span></td><td class="n">{esc(f"{value:.4g}")}</td></tr>'
         )
     parts.append("</tbody></table>")
-    return _fig("".join(parts), title, caption, "qkl-bars")
+    return fig("".join(parts), title, caption, "qkl-bars")
 
 
 # --------------------------------------------------------------------------- report
@@ -308,7 +308,7 @@ class Report:
     def add_text(self, heading: str, text: str) -> Report:
         """Append escaped plain text; a blank line starts a new paragraph."""
         paragraphs = [p.strip("\n") for p in re.split(r"\n(?:[ \t]*\n)+", text) if p.strip()]
-        return self.add(heading, "".join(f"<p>{_esc(p)}</p>" for p in paragraphs))
+        return self.add(heading, "".join(f"<p>{esc(p)}</p>" for p in paragraphs))
 
     def verdict(self, ok: bool, text: str) -> Report:
         """A prominent pass/fail box shown at the top, above all sections."""
@@ -316,14 +316,12 @@ class Report:
         return self
 
     def _body(self) -> str:
-        parts = [f"<h1>{_esc(self.title)}</h1>"]
+        parts = [f"<h1>{esc(self.title)}</h1>"]
         for ok, text in self.verdicts:
             kind, mark = ("ok", "✔ PASS") if ok else ("fail", "✘ FAIL")
-            parts.append(
-                f'<div class="qkl-verdict {kind}" role="status">{mark}: {_esc(text)}</div>'
-            )
+            parts.append(f'<div class="qkl-verdict {kind}" role="status">{mark}: {esc(text)}</div>')
         for heading, fragment in self.sections:
-            parts.append(f"<section><h2>{_esc(heading)}</h2>{fragment}</section>")
+            parts.append(f"<section><h2>{esc(heading)}</h2>{fragment}</section>")
         return "".join(parts)
 
     def to_html(self) -> str:
@@ -331,7 +329,7 @@ class Report:
         return (
             '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_esc(self.title)}</title><style>{CSS}</style></head>"
+            f"<title>{esc(self.title)}</title><style>{CSS}</style></head>"
             f'<body><div class="qkl">{self._body()}</div></body></html>\n'
         )
 

@@ -1,4 +1,4 @@
-"""Head loadings: how much of each graph edge each attention head carried (DESIGN.md §4).
+"""Head loadings: how much of each graph edge each attention head carried (docs/graphs.md).
 
 An edge into a target at layer K crosses block K−1 and splits exactly by path::
 
@@ -35,8 +35,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from qk_lens.attribution import CompletenessError
-from qk_lens.graph import Checkpoints, Graph, check_model, logit_id
+from qk_lens.arch import arch_of
+from qk_lens.attribution import CompletenessError, QKAttribution
+from qk_lens.graph.checkpoints import Checkpoints, check_model
+from qk_lens.graph.nodes import logit_id
+from qk_lens.graph.result import Graph
 
 __all__ = ["HeadLoadings", "head_loadings"]
 
@@ -171,7 +174,9 @@ class HeadLoadings:
         return out.sort_values("abs_loading", ascending=False).reset_index(drop=True)
 
     # ------------------------------------------------------------------ into QK attributions
-    def qk_attribution(self, edge: Any, head: int | None = None, model: Any = None) -> Any:
+    def qk_attribution(
+        self, edge: Any, head: int | None = None, model: Any = None
+    ) -> QKAttribution:
         """The QK attribution of ``head`` (default: this edge's top head) at layer K−1,
         query = target position, key = source position: what was moved, and why it was fetched."""
         i = self.graph.edge_index(edge)
@@ -215,7 +220,7 @@ def head_loadings(
     ctx = Checkpoints(model, graph.tokens, graph.metadata.get("readout", "encoder"))
     _check_nodes(ctx, graph)
 
-    E, H = graph.n_edges, model.cfg.n_heads
+    E, H = graph.n_edges, arch_of(model).n_heads
     dt, dev = ctx.dtype, ctx.device
     residual = torch.zeros(E, dtype=dt)
     mlp = torch.zeros(E, dtype=dt)

@@ -1,13 +1,14 @@
 """QK attributions: a head's score at (q, k) as a sum of query-part × key-part terms.
 
 ``terms[a, b] = q_a · k_b`` with ``q_a`` already divided by ``attn_scale``; the terms sum to the
-model's raw (pre-softcap) score. The heavy lifting (bases, frozen maps) lives in ``bases`` and
-``attention``; this module assembles projected sides and wraps the numbers in result objects.
+model's raw (pre-softcap) score (docs/contract.md). These are the result objects; the
+computation is in :mod:`qk_lens.attribution.compute`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,160 +17,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from qk_lens.attention import LayerQK, Side
-from qk_lens.bases import PART_COLUMNS, Meta, PartsBatch, _meta, concat_meta, meta_frame, take_meta
-from qk_lens.capture import Capture
-
-ALIBI_LABEL = "ALiBi (slope·distance)"
-BIAS_KINDS = ("dictionary bias", "attention bias", "attention bias out", "alibi")
-
-
-class CompletenessError(AssertionError):
-    """The terms of an attribution do not sum to the model's own score."""
-
-
-# --------------------------------------------------------------------------- projected sides
-@dataclass
-class ProjectedSide:
-    """One side's parts in head space, for several heads and positions (padded slots)."""
-
-    vectors: Float[Tensor, "h n_pos slot d_head"]
-    valid: Bool[Tensor, "n_pos slot"]
-    meta: Meta  # entries of valid (pos, slot) in row-major order
-    positions: Int[Tensor, "n_pos"]
-
-    @cached_property
-    def _starts(self) -> np.ndarray:
-        counts = self.valid.sum(1).numpy()
-        return np.concatenate([[0], np.cumsum(counts)])
-
-    def rows_of(self, i: int) -> slice:
-        """The meta entries belonging to the i-th position."""
-        return slice(int(self._starts[i]), int(self._starts[i + 1]))
-
-
-_FACTOR_MIN_POSITIONS = 8
-
-
-def project_side(
-    model: Any,
-    qk: LayerQK,
-    side: Side,
-    basis: Any,
-    positions: Int[Tensor, "n_pos"],
-    heads: Int[Tensor, "h"],
-    parts: PartsBatch | None = None,
-) -> ProjectedSide:
-    """Basis parts at ``positions`` → head space, plus the attention-bias part of each position.
-    ``parts``: ``basis.parts(...)`` at these positions, when the caller already has them."""
-    cap = qk.cap
-    qk.check_clip(side, positions, heads)
-    pb: PartsBatch = parts if parts is not None else basis.parts(model, cap, qk.layer, positions)
-    n_pos, n_slots, d_model = pb.vectors.shape
-    flat_pos = positions[:, None].expand(n_pos, n_slots).reshape(-1)
-    # Mapping distinct rows once pays where rows recur, i.e. over many positions; for a few its
-    # bookkeeping costs more than it saves (both are exact).
-    if pb.row_ids is None or n_pos < _FACTOR_MIN_POSITIONS:
-        proj = qk.project(side, pb.vectors.reshape(-1, d_model), flat_pos, heads, pb.space)
-    else:
-        proj = _project_factored(qk, side, pb, flat_pos, heads)
-    proj = proj.reshape(len(heads), n_pos, n_slots, -1)
-    extras = [qk.project_bias(side, positions, heads)[:, :, None]]
-    wqk = "W_Q + b_Q" if side == "query" else "W_K + b_K"
-    pos_np = positions.numpy()
-    extra_meta = [
-        _meta("attention bias", qk.layer, -1, pos_np, -1, np.nan, f"attn bias (ln1.b·{wqk})")
-    ]
-    if qk.shortformer:
-        pos_embed = cap.get("hook_pos_embed")[positions]
-        extras.append(qk.project(side, pos_embed, positions, heads, "attn_input")[:, :, None])
-        extra_meta.append(
-            _meta(
-                "positional embedding",
-                -1,
-                -1,
-                pos_np,
-                -1,
-                np.nan,
-                "positional embedding (shortformer)",
-            )
-        )
-    vectors = torch.cat([proj, *extras], dim=2)
-    valid = torch.cat([pb.valid, torch.ones(n_pos, len(extras), dtype=torch.bool)], dim=1)
-    # Interleave the extra entries after each position's basis parts (row-major over (pos, slot)).
-    width = n_slots + len(extras)
-    counts = pb.valid.sum(1).numpy()
-    keys = [np.repeat(np.arange(n_pos), counts) * width + _ranks(counts)]
-    keys += [np.arange(n_pos) * width + n_slots + j for j in range(len(extras))]
-    order = np.argsort(np.concatenate(keys), kind="stable")
-    meta = take_meta(concat_meta([pb.meta, *extra_meta]), order)
-    return ProjectedSide(vectors, valid, meta, positions)
-
-
-def _project_factored(
-    qk: LayerQK, side: Side, pb: PartsBatch, flat_pos: Int[Tensor, "n"], heads: Int[Tensor, "h"]
-) -> Float[Tensor, "h n d_head"]:
-    """``qk.project`` of every (pos, slot) vector, mapping each distinct decoder row once.
-
-    The frozen norm and W_Q/W_K are linear and the same at every position up to 1/σ(pos), so
-    c · row at position p projects to c / σ(p) · (row through the norm weight and W); qk-norm,
-    rotary and the score scale then act per position as in :meth:`LayerQK.project`.
-    """
-    d_model = pb.vectors.shape[-1]
-    ids = pb.row_ids.reshape(-1)
-    factored = ids >= 0
-    unique, inverse = torch.unique(ids[factored], return_inverse=True)
-    per_row = qk.pre_rotary_rows(side, pb.rows[unique], heads, pb.space)  # [h, u, d_head]
-    # every slot gathers a row (slots without one gather a zero row, coefficient 0) ...
-    per_row = torch.cat([per_row, per_row.new_zeros(len(heads), 1, per_row.shape[-1])], dim=1)
-    which = torch.full_like(ids, len(unique))
-    which[factored] = inverse
-    coef = torch.where(factored, pb.coeffs.reshape(-1).to(per_row.dtype), 0.0)
-    scale = qk.frozen_scale(flat_pos, pb.space)
-    if scale is not None:
-        coef = coef / scale
-    pre = per_row[:, which] * coef[None, :, None]
-    # ... and the others (dictionary bias, error, inactive slots) are projected as they are
-    rest = torch.nonzero(~factored)[:, 0]
-    vectors = pb.vectors.reshape(-1, d_model)[rest]
-    pre[:, rest] = qk.pre_rotary(side, vectors, flat_pos[rest], heads, pb.space)
-    return qk._finish(side, pre, flat_pos, heads)
-
-
-def _ranks(counts: np.ndarray) -> np.ndarray:
-    """0..c-1 for each count c, concatenated."""
-    if len(counts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.arange(int(counts.sum())) - starts
-
-
-# --------------------------------------------------------------------------- results
-def _tolerance(dtype: torch.dtype, scale: float) -> float:
-    """The contract: 1e-9 absolute in float64; in float32, 1e-4 relative to the score's scale.
-
-    The scale is ‖q‖·‖k‖/attn_scale (+|ALiBi|): what float32 rounding of a dot product is
-    proportional to, in the model's own forward as in ours. |score| itself can be far smaller
-    when the parts cancel, and then the model's own float32 hook misses the exact score by more
-    than 1e-4·|score| (measured: 3.7e-4 on a Gemma-2 pair), so |score| cannot be the yardstick.
-    """
-    if dtype == torch.float64:
-        return 1e-9
-    return 1e-4 * max(scale, 1e-12)
-
-
-def _interaction_kind(q_kind: np.ndarray, k_kind: np.ndarray) -> np.ndarray:
-    q_kind = np.asarray(q_kind, dtype=object)
-    k_kind = np.asarray(k_kind, dtype=object)
-    out = np.full(q_kind.shape, "other", dtype=object)
-    is_bias = np.isin(q_kind, BIAS_KINDS) | np.isin(k_kind, BIAS_KINDS)
-    out[is_bias] = "bias"
-    out[(q_kind == "error") | (k_kind == "error")] = "error"
-    out[(q_kind == "feature") & (k_kind == "feature")] = "feature × feature"
-    return out
+from qk_lens.attribution.contrast import (
+    Components,
+    GroupedTerms,
+    QKContrast,
+    components,
+    contrast_attribution,
+    contrast_row,
+    group_terms,
+    inhibitors,
+)
+from qk_lens.attribution.terms import (
+    INTERACTIONS,
+    AttributionSource,
+    CompletenessError,
+    interaction_kind,
+    tolerance,
+)
+from qk_lens.bases import PART_COLUMNS, Meta, meta_frame, part_meta
 
 
 @dataclass
@@ -199,9 +68,8 @@ class QKAttribution:
     q_token: str | None = None
     k_token: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    # (weakref to the model, prompt) when made by model.qk_attribution: lets contrast() fetch
-    # other keys of the same row; not saved
-    source: Any = field(default=None, repr=False, compare=False)
+    # set when computed from a model: lets contrast() fetch other keys of the same row; not saved
+    source: AttributionSource | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ the parts
     @cached_property
@@ -237,7 +105,7 @@ class QKAttribution:
 
     @property
     def tolerance(self) -> float:
-        return _tolerance(self.terms.dtype, self.scale)
+        return tolerance(self.terms.dtype, self.scale)
 
     def check(self, tolerance: float | None = None) -> float:
         """Raise :class:`CompletenessError` unless the terms sum to the model's own scores.
@@ -267,7 +135,7 @@ class QKAttribution:
         out["term"] = values
         score = self.score
         out["share"] = values / score if score != 0 else np.nan
-        out["interaction"] = _interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
+        out["interaction"] = interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
         return out
 
     def top(self, k: int = 10, sign: str = "abs") -> pd.DataFrame:
@@ -308,24 +176,18 @@ class QKAttribution:
         capped: bool = False,
         model: Any = None,
         prompt: Any = None,
-    ) -> Any:
+    ) -> QKContrast:
         """Why this key and not ``other`` (a key position or another QKAttribution of the same
         query): an exact decomposition of s(q,k) − s(q,k′); ``relative_to="mean"`` against the
-        pattern-weighted mean over keys. See :func:`qk_lens.contrast.contrast_attribution`."""
-        from qk_lens.contrast import contrast_attribution
-
+        pattern-weighted mean over keys. See :func:`qk_lens.attribution.contrast.contrast_attribution`."""
         return contrast_attribution(self, other, relative_to, capped, model, prompt)
 
-    def components(self, rank: int | None = None) -> Any:
+    def components(self, rank: int | None = None) -> Components:
         """SVD of the term matrix: a few query-side × key-side components that sum to the score."""
-        from qk_lens.contrast import components
-
         return components(self, rank)
 
-    def group(self, query_by: Any = "label", key_by: Any = "label") -> Any:
+    def group(self, query_by: Any = "label", key_by: Any = "label") -> GroupedTerms:
         """Terms summed per (query group, key group): by label, a part column, or your groups."""
-        from qk_lens.contrast import group_terms
-
         return group_terms(self, query_by, key_by)
 
     def coverage(self) -> pd.DataFrame:
@@ -338,7 +200,7 @@ class QKAttribution:
         """
         q_kind = self.query_meta["kind"]
         k_kind = self.key_meta["kind"]
-        kinds = _interaction_kind(
+        kinds = interaction_kind(
             q_kind[:, None].repeat(len(k_kind), 1),
             np.broadcast_to(k_kind, (len(q_kind), len(k_kind))),
         )
@@ -346,7 +208,7 @@ class QKAttribution:
         total_abs = np.abs(t).sum()
         score = t.sum()
         rows = []
-        for name in ("feature × feature", "error", "bias", "other"):
+        for name in INTERACTIONS:
             m = kinds == name
             s = t[m].sum()
             rows.append(
@@ -373,8 +235,6 @@ class QKAttribution:
     # ------------------------------------------------------------------ files (no pickle)
     def save(self, path: str | Path) -> None:
         """Write ``path.safetensors`` (tensors) and ``path.json`` (tables and scalars)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         save_file(
             {
@@ -405,8 +265,6 @@ class QKAttribution:
 
     @classmethod
     def load(cls, path: str | Path) -> QKAttribution:
-        from safetensors.torch import load_file
-
         path = Path(path)
         js, st = path.with_suffix(".json"), path.with_suffix(".safetensors")
         for f in (js, st):
@@ -422,8 +280,8 @@ class QKAttribution:
         if info.get("format") != "qk_lens.QKAttribution/1":
             raise ValueError(f"{js} is not a saved QKAttribution (format={info.get('format')!r})")
         try:
-            qp = _meta(*(info["query_parts"][c] for c in PART_COLUMNS))
-            kp = _meta(*(info["key_parts"][c] for c in PART_COLUMNS))
+            qp = part_meta(*(info["query_parts"][c] for c in PART_COLUMNS))
+            kp = part_meta(*(info["key_parts"][c] for c in PART_COLUMNS))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{js}: part tables are malformed ({e})") from e
         terms = tensors["terms"]
@@ -477,7 +335,7 @@ class QKAttributions:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[QKAttribution]:
         return iter(self.items)
 
     def __getitem__(self, k_pos: int) -> QKAttribution:
@@ -534,84 +392,17 @@ class QKAttributions:
 
     def contrast(
         self, k_pos: int, other: Any = None, relative_to: str | None = None, capped: bool = False
-    ) -> Any:
+    ) -> QKContrast:
         """Exact decomposition of s(k_pos) − s(other) (or − the pattern-weighted mean with
-        ``relative_to="mean"``); see :func:`qk_lens.contrast.contrast_row`."""
-        from qk_lens.contrast import contrast_row
-
+        ``relative_to="mean"``); see :func:`qk_lens.attribution.contrast.contrast_row`."""
         return contrast_row(self, k_pos, other, relative_to, capped)
 
-    def inhibitors(self, k_pos: int | None = None, top: int = 10, level: str = "term") -> Any:
+    def inhibitors(
+        self, k_pos: int | None = None, top: int = 10, level: str = "term"
+    ) -> pd.DataFrame:
         """The strongest negative terms at competing keys, ranked by what removing each would
-        cost ``k_pos``'s log-probability; see :func:`qk_lens.contrast.inhibitors`."""
-        from qk_lens.contrast import inhibitors
-
+        cost ``k_pos``'s log-probability; see :func:`qk_lens.attribution.contrast.inhibitors`."""
         return inhibitors(self, k_pos, top, level)
 
     def __repr__(self) -> str:
         return f"QKAttributions(L{self.layer}H{self.head}, q={self.q_pos}, keys={self.k_positions})"
-
-
-# --------------------------------------------------------------------------- computation
-def attribute(
-    model: Any,
-    cap: Capture,
-    qk: LayerQK,
-    head: int,
-    q_pos: int,
-    k_positions: list[int],
-    query_basis: Any,
-    key_basis: Any,
-) -> list[QKAttribution]:
-    """Attributions of one query against the given (validated, unmasked) keys, in one batch."""
-    heads = torch.tensor([head])
-    q_side = project_side(model, qk, "query", query_basis, torch.tensor([q_pos]), heads)
-    k_side = project_side(model, qk, "key", key_basis, torch.tensor(k_positions), heads)
-    qv = q_side.vectors[0, 0][q_side.valid[0]]  # [n_q, d_head]
-    raw = qk.model_raw_scores()[head]
-    final = cap.scores(qk.layer)[head]
-    pattern = cap.pattern(qk.layer)[head]
-    alibi = qk.alibi_terms(heads, torch.tensor([q_pos]), torch.tensor(k_positions))[0, 0]
-    tokens = cap.str_tokens
-    q_meta = q_side.meta
-    if qk.alibi:
-        q_meta = concat_meta(
-            [q_meta, _meta("alibi", qk.layer, head, np.array([q_pos]), -1, np.nan, ALIBI_LABEL)]
-        )
-        qv = torch.cat([qv, qv.new_zeros(1, qv.shape[1])])
-    out = []
-    for i, k in enumerate(k_positions):
-        kv = k_side.vectors[0, i][k_side.valid[i]]
-        terms = qv @ kv.T
-        scale = float(qv.sum(0).norm() * kv.sum(0).norm() + alibi[i].abs())
-        k_meta = take_meta(k_side.meta, k_side.rows_of(i))
-        if qk.alibi:
-            # ALiBi is additive, not bilinear: one labelled query part × one key part holds it.
-            terms = torch.cat([terms, terms.new_zeros(terms.shape[0], 1)], dim=1)
-            terms[-1, -1] = alibi[i]
-            k_meta = concat_meta(
-                [k_meta, _meta("alibi", qk.layer, head, np.array([k]), -1, np.nan, ALIBI_LABEL)]
-            )
-            kv = torch.cat([kv, kv.new_zeros(1, kv.shape[1])])
-        out.append(
-            QKAttribution(
-                layer=qk.layer,
-                head=head,
-                q_pos=q_pos,
-                k_pos=k,
-                terms=terms,
-                query_meta=q_meta,
-                key_meta=k_meta,
-                query_vectors=qv,
-                key_vectors=kv,
-                model_raw_score=float(raw[q_pos, k]),
-                model_score=float(final[q_pos, k]),
-                prob=float(pattern[q_pos, k]),
-                softcap=qk.softcap,
-                scale=scale,
-                q_token=tokens[q_pos] if tokens else None,
-                k_token=tokens[k] if tokens else None,
-                meta={"query_basis": query_basis.key[0], "key_basis": key_basis.key[0]},
-            )
-        )
-    return out

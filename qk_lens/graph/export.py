@@ -43,6 +43,7 @@ Extra fields (the frontend ignores keys it does not know):
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import re
@@ -53,7 +54,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qk_lens.graph import Graph, bias_id, embedding_id, error_id, feature_id
+from qk_lens.graph.loadings import head_loadings
+from qk_lens.graph.nodes import bias_id, embedding_id, error_id, feature_id
+from qk_lens.graph.result import Graph
 
 __all__ = ["save_neuronpedia", "to_neuronpedia"]
 
@@ -95,8 +98,6 @@ def to_neuronpedia(
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     if loadings is None and model is not None:
-        from qk_lens.loadings import head_loadings
-
         loadings = head_loadings(model, graph, through_mlp=through_mlp)
     if loadings is not None and loadings.graph is not graph:
         raise ValueError("loadings were computed for another graph")
@@ -449,8 +450,6 @@ def _source_set(dictionaries: dict[str, Any]) -> str | None:
 
 def _version() -> str:
     try:
-        from qk_lens import __version__
-
-        return str(__version__)
-    except ImportError:  # pragma: no cover
+        return importlib.metadata.version("qk_lens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         return "unknown"

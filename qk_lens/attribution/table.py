@@ -2,7 +2,7 @@
 
 Both sides are projected once for every position and head (``[head, pos, slot, d_head]``, i.e.
 memory T·slots·heads·d_head). The selected (unmasked, prob ≥ min_prob) pairs then go, all at once
-(or ``chunk_size`` query positions at a time), to ``qk_lens.topk_terms``, which keeps each pair's
+(or ``chunk_size`` query positions at a time), to ``qk_lens.attribution.topk``, which keeps each pair's
 top-k terms while it multiplies (a fused C kernel) or in small ``torch.topk`` chunks. No
 T²·slots² tensor ever exists; the output is pairs × (top_k + 1) rows.
 """
@@ -17,11 +17,14 @@ import torch
 from einops import einsum
 from tqdm.auto import tqdm
 
-from qk_lens.attention import LayerQK
-from qk_lens.attribution import ALIBI_LABEL, ProjectedSide, project_side
-from qk_lens.bases import Meta, _meta, concat_meta
+from qk_lens.arch import LayerQK
+from qk_lens.attribution.compute import setup
+from qk_lens.attribution.projection import ProjectedSide, project_side
+from qk_lens.attribution.terms import ALIBI_LABEL
+from qk_lens.attribution.topk import top_terms
+from qk_lens.bases import Basis, Meta, concat_meta, part_meta
 from qk_lens.capture import Capture
-from qk_lens.topk_terms import top_terms
+from qk_lens.checks import check_count, check_index
 
 REMAINDER, ALIBI = -1, -2  # pseudo-part codes in the table
 
@@ -46,8 +49,8 @@ def attribution_table(
     heads: list[int],
     top_k: int,
     min_prob: float,
-    query_basis: Any,
-    key_basis: Any,
+    query_basis: Basis,
+    key_basis: Basis,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -70,7 +73,7 @@ def attribution_table(
     select = qk.key_allowed(positions, positions)[None] & (pattern >= min_prob)
     # Each pair's score from the summed parts: Σ_ab q_a·k_b = (Σ_a q_a)·(Σ_b k_b).
     totals = einsum(Q.sum(2), K.sum(2), "h q d, h k d -> h q k")
-    alibi = qk.alibi_terms(H, positions, positions) if qk.alibi else None
+    alibi = qk.alibi_terms(H, positions, positions) if qk.arch.alibi is not None else None
     if alibi is not None:
         totals = totals + alibi
     k_eff = min(top_k, Pq * Pk)
@@ -164,9 +167,43 @@ def attribution_table(
     return frame
 
 
+def qk_attribution_table(
+    model: Any,
+    prompt: Any,
+    layer: int,
+    heads: int | list[int] | None = None,
+    top_k: int = 32,
+    min_prob: float = 0.0,
+    basis: Any = "dictionary",
+    query_basis: Any = None,
+    key_basis: Any = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """``model.qk_attribution_table`` (see its docstring): validation, then :func:`attribution_table`."""
+    layer, cap, qk, qb, kb = setup(model, prompt, layer, query_basis, key_basis, basis)
+    if heads is None:
+        head_list = list(range(qk.n_heads))
+    else:
+        head_list = [heads] if not isinstance(heads, (list, tuple)) else list(heads)
+        if not head_list:
+            raise ValueError("heads is an empty list; give head indices or None for all heads")
+        head_list = [check_index("head", h, qk.n_heads, "heads per layer") for h in head_list]
+    top_k = check_count("top_k", top_k)
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float, np.floating)):
+        raise TypeError(f"min_prob must be a number in [0, 1], got {type(min_prob).__name__}")
+    if not 0.0 <= float(min_prob) <= 1.0:
+        raise ValueError(f"min_prob must lie in [0, 1], got {min_prob!r}")
+    if chunk_size is not None:
+        chunk_size = check_count("chunk_size", chunk_size)
+    return attribution_table(
+        model, cap, qk, head_list, top_k, float(min_prob), qb, kb, chunk_size, progress
+    )
+
+
 def _with_special(meta: Meta) -> Meta:
     """Append the pseudo-parts 'remainder' (code −1) and 'alibi' (code −2)."""
-    extra = _meta(
+    extra = part_meta(
         np.array(["remainder", "alibi"], dtype=object), -1, -1, np.array([-1, -1]), -1, np.nan,
         np.array(["remainder (all other terms)", ALIBI_LABEL], dtype=object),
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """Contrasts, competition and distillation: explain the pattern, not just one score.
 
 A score alone does not say why a head attended *here*: softmax makes keys compete. This module
-turns QK attributions into exact answers to comparative questions (DESIGN.md §1 "results").
+turns QK attributions into exact answers to comparative questions (docs/steering.md).
 
 **Contrast with another key.** For one query q, the query parts are shared by every key; the key
 parts differ per key. Key parts are matched across keys by their *identity* — (kind, layer, head,
@@ -36,10 +36,9 @@ a callable, or the user's own feature groups; the blocks sum to the score exactl
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,8 +46,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from qk_lens.attribution import QKAttribution, QKAttributions, _interaction_kind, _tolerance
+from qk_lens.attribution.terms import interaction_kind, tolerance
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame
+
+if TYPE_CHECKING:
+    from qk_lens.attribution.result import QKAttribution, QKAttributions
 
 IDENTITY = ("kind", "layer", "head", "feature", "label")  # a key part's identity across keys
 
@@ -66,8 +68,17 @@ __all__ = [
 
 
 # =========================================================================== helpers
+# The result classes build on this module, so it recognizes them by their fields.
+def _is_attribution(a: Any) -> bool:
+    return all(hasattr(a, f) for f in ("terms", "query_meta", "key_meta", "k_pos", "model_score"))
+
+
+def _is_row(row: Any) -> bool:
+    return hasattr(row, "items") and hasattr(row, "pattern") and hasattr(row, "k_positions")
+
+
 def _require_attr(name: str, a: Any) -> QKAttribution:
-    if not isinstance(a, QKAttribution):
+    if not _is_attribution(a):
         raise TypeError(f"{name} must be a QKAttribution, got {type(a).__name__}")
     return a
 
@@ -197,7 +208,7 @@ class QKContrast:
 
     @property
     def tolerance(self) -> float:
-        return _tolerance(self.terms.dtype, self.scale)
+        return tolerance(self.terms.dtype, self.scale)
 
     def check(self, tolerance: float | None = None) -> float:
         """Raise AssertionError unless Σ terms equals the difference of the model's scores."""
@@ -249,7 +260,7 @@ class QKContrast:
         out["term"] = values
         d = self.difference
         out["share"] = values / d if d != 0 else np.nan
-        out["interaction"] = _interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
+        out["interaction"] = interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
         return out
 
     def top(self, k: int = 10, sign: str = "abs") -> pd.DataFrame:
@@ -332,7 +343,7 @@ def contrast_row(
     capped: bool = False,
 ) -> QKContrast:
     """Contrast key ``k_pos`` of a row with key ``other`` or with ``relative_to="mean"``."""
-    if not isinstance(row, QKAttributions):
+    if not _is_row(row):
         raise TypeError(f"row must be a QKAttributions, got {type(row).__name__}")
     if (other is None) == (relative_to is None):
         raise ValueError("give exactly one of other=<key position> or relative_to='mean'")
@@ -393,12 +404,11 @@ def contrast_attribution(
     """``attr.contrast(other)`` / ``attr.contrast(relative_to="mean")``.
 
     ``other`` a QKAttribution needs nothing else. A key position, or ``relative_to="mean"``,
-    needs the other keys' attributions: they are computed with ``model.qk_attribution`` on
-    ``prompt`` with the same bases, where ``model``/``prompt`` default to ``attr.source``
-    (a ``(model or weakref to it, prompt)`` pair set by ``model.qk_attribution``).
+    needs the other keys' attributions: they are computed as ``attr`` was (``attr.source``), on
+    ``model`` / ``prompt`` when given, else on the model and prompt ``attr`` came from.
     """
     _require_attr("attr", attr)
-    if isinstance(other, QKAttribution):
+    if _is_attribution(other):
         if relative_to is not None:
             raise ValueError("give either other or relative_to, not both")
         return contrast(attr, other, capped=capped)
@@ -408,28 +418,23 @@ def contrast_attribution(
         )
     if relative_to is not None and relative_to != "mean":
         raise ValueError(f"relative_to must be 'mean', got {relative_to!r}")
-    if model is None or prompt is None:
-        source = getattr(attr, "source", None)
-        if source is None:
-            raise ValueError(
-                "this attribution does not know its model and prompt; pass model= and prompt=, "
-                "or contrast with another QKAttribution, or use row.contrast(...) on a "
-                "model.qk_attribution(..., k_pos=None) row"
-            )
-        src_model = source[0]() if isinstance(source[0], weakref.ref) else source[0]
-        if src_model is None:
-            raise ValueError("the model this attribution came from no longer exists; pass model=")
-        model = src_model if model is None else model
-        prompt = source[1] if prompt is None else prompt
+    source = getattr(attr, "source", None)
+    if source is None:
+        raise ValueError(
+            "this attribution does not know its model and prompt (it was loaded from a file); "
+            "compute the other key with model.qk_attribution(...) and pass it as other, or use "
+            "row.contrast(...) on a model.qk_attribution(..., k_pos=None) row"
+        )
+    model, prompt = source.resolve(model, prompt)
     kwargs = {
         "query_basis": attr.meta.get("query_basis", "dictionary"),
         "key_basis": attr.meta.get("key_basis", "dictionary"),
     }
     if relative_to == "mean":
-        row = model.qk_attribution(prompt, attr.layer, attr.head, attr.q_pos, None, **kwargs)
+        row = source.compute(model, prompt, attr.layer, attr.head, attr.q_pos, None, **kwargs)
         _same_query(attr, row[attr.k_pos])
         return contrast_row(row, attr.k_pos, relative_to="mean", capped=capped)
-    b = model.qk_attribution(prompt, attr.layer, attr.head, attr.q_pos, other, **kwargs)
+    b = source.compute(model, prompt, attr.layer, attr.head, attr.q_pos, other, **kwargs)
     return contrast(attr, b, capped=capped)
 
 
@@ -449,7 +454,7 @@ def inhibitors(
     ``delta_log_p_target = −log(1 + p(k′)(e^{Δs̃} − 1))`` is what the target would lose.
     Rows are sorted by that loss (largest first): the contributions that most protect the target.
     """
-    if not isinstance(row, QKAttributions):
+    if not _is_row(row):
         raise TypeError(f"row must be a QKAttributions, got {type(row).__name__}")
     if level not in ("term", "key", "query"):
         raise ValueError(f"level must be 'term', 'key' or 'query', got {level!r}")
