@@ -9,7 +9,7 @@ because its parts sum to the residual the layer reads; the tests hold them to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -112,6 +112,24 @@ class DictionaryBasis:
     ) -> PartsBatch:
         d = self.dictionary
         dt = arch_of(model).dtype
+        if len(positions) != 1:
+            return self._parts(d, dt, cap, layer, positions)
+        # One position (a single pair's side): kept on the capture, labels looked up afresh.
+        memo = cap.derived.setdefault(("parts", self.key, layer, dt), {})
+        p = int(positions[0])
+        if p not in memo:
+            memo[p] = self._parts(d, dt, cap, layer, positions)
+        pb = memo[p]
+        meta = dict(pb.meta)
+        feats = meta["kind"] == "feature"
+        labels = meta["label"].copy()
+        labels[feats] = d.labels_of(meta["feature"][feats])
+        meta["label"] = labels
+        return replace(pb, meta=meta)
+
+    def _parts(
+        self, d: Dictionary, dt: torch.dtype, cap: Capture, layer: int, positions: Tensor
+    ) -> PartsBatch:
         x = cap.get(d.capture_hook).to(dt)[positions]
         dec = self.decompose(cap, layer, x, positions)
         W_dec = d.decoder(dt, x.device)
@@ -157,6 +175,11 @@ class DictionaryBasis:
         row_ids = torch.cat([dec.feature_ids, torch.full((n_pos, 2), -1)], dim=1)
         coeffs = torch.cat([dec.coeffs, torch.zeros(n_pos, 2, dtype=dec.coeffs.dtype)], dim=1)
         return PartsBatch(positions, vectors, valid, meta, d.space, W_dec, row_ids, coeffs)
+
+    def prepare(self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]) -> None:
+        """Decompose ``positions`` in one call of the SAE (its encoder is read once for all)."""
+        x = cap.get(self.dictionary.capture_hook).to(arch_of(model).dtype)[positions]
+        self.decompose(cap, layer, x, positions)
 
     def decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
         """Decompose only positions not yet decomposed on this capture; reuse the rest."""

@@ -7,6 +7,7 @@ parameters, so a later call on the same prompt reuses it and an in-place weight 
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ class CaptureCache:
     @staticmethod
     def _structure_of(model: Any) -> tuple:
         blocks = getattr(model, "blocks", [])
-        return (id(model), tuple(id(m) for b in blocks for m in b._modules.values()))
+        return (id(model), *(id(m) for b in blocks for m in b._modules.values()))
 
     def _key(self, model: Any, tokens: Tensor) -> tuple:
         structure = self._structure_of(model)
@@ -173,7 +174,7 @@ class CaptureCache:
             self._structure = structure
             self._params = list(model.parameters())
             self._items.clear()
-        versions = tuple(p._version for p in self._params)
+        versions = tuple(map(operator.attrgetter("_version"), self._params))
         arch = arch_of(model)
         return (tuple(tokens.tolist()), versions, arch.model_dtype, str(arch.device))
 

@@ -7,12 +7,16 @@ one-element integer torch values count as ints; bools never do.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Iterable
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "as_int",
@@ -26,6 +30,7 @@ __all__ = [
     "check_positions",
     "is_int",
     "is_real",
+    "renamed",
 ]
 
 
@@ -138,3 +143,28 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
     return value
+
+
+def renamed(**old_to_new: str) -> Callable[[F], F]:
+    """Decorator: keyword ``old=`` still works (for a release) as ``new=``, with a DeprecationWarning."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(
+                            f"{fn.__qualname__}() got both {old}= and {new}=; use {new}="
+                        )
+                    warnings.warn(
+                        f"{fn.__qualname__}({old}=...) is deprecated; use {new}=",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -195,6 +195,19 @@ def _serves(hook_name: str, arch: ModelArch, suggest: int | None) -> tuple[int, 
     )
 
 
+def _gathered_sum(
+    coeffs: Float[Tensor, "n k"], ids: Int[Tensor, "n k"], rows: Float[Tensor, "d_sae d"]
+) -> Float[Tensor, "n d"]:
+    """Σ_j coeffs[:, j] · rows[ids[:, j]], in blocks of tokens (bounded memory)."""
+    n, k = ids.shape
+    out = rows.new_zeros(n, rows.shape[1])
+    step = max(1, (1 << 22) // max(1, k * rows.shape[1]))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        out[lo:hi] = torch.einsum("n k, n k d -> n d", coeffs[lo:hi], rows[ids[lo:hi]])
+    return out
+
+
 def _pop_norm_state(sae: SAE) -> dict[str, Any]:
     state = vars(sae)
     return {a: state.pop(a) for a in _NORM_STATE_ATTRS if a in state}
@@ -424,19 +437,21 @@ class Dictionary:
                 coeffs, bias = coeffs * std, bias * std + mu
             bias = bias.contiguous()
 
-            # A fresh conversion costs less than this matmul and keeps decoder() in step with it.
-            recon = coeffs @ self._refresh_decoder(dtype, device) + bias
-            error = x.detach() - recon
-
             k = max(int(active.sum(dim=-1).max()), 1) if n_tok else 1
             # Actives rank above every inactive entry even if a coefficient rounds to 0.
             key = torch.where(active, coeffs.abs(), torch.full_like(coeffs, -1.0))
             idx = key.topk(k, dim=-1).indices
             keep = active.gather(-1, idx)
             zero = torch.zeros((), dtype=dtype, device=device)
+            kept = torch.where(keep, coeffs.gather(-1, idx), zero)
+            # The reconstruction from the active rows only: a dense coeffs @ W_dec would read the
+            # whole decoder (d_sae × d_in) for a handful of rows. (A fresh conversion keeps
+            # decoder() in step with this decomposition.)
+            recon = _gathered_sum(kept, idx, self._refresh_decoder(dtype, device)) + bias
+            error = x.detach() - recon
             return Decomposition(
                 feature_ids=torch.where(keep, idx, torch.full_like(idx, -1)),
-                coeffs=torch.where(keep, coeffs.gather(-1, idx), zero),
+                coeffs=kept,
                 activations=torch.where(keep, acts.gather(-1, idx), zero),
                 bias=bias,
                 error=error,

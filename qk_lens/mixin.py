@@ -17,6 +17,7 @@ from qk_lens.arch import forget, supported
 from qk_lens.atlas import HeadAtlas, head_atlas
 from qk_lens.attribution import QKAttribution, QKAttributions, qk_attribution, qk_attribution_table
 from qk_lens.capture import Capture
+from qk_lens.checks import renamed
 from qk_lens.dictionaries import Dictionary
 from qk_lens.graph import Graph, HeadLoadings, attribution_graph, head_loadings
 from qk_lens.state import ATTACHED_MARKER, capture, state_of
@@ -152,6 +153,7 @@ class QKLensMixin:
         return head_loadings(self, graph, through_mlp=through_mlp, **kwargs)
 
     # ------------------------------------------------------------------ causal checks
+    @renamed(readout="readout_pos")
     def steer_qk(
         self,
         prompt: Any,
@@ -159,21 +161,23 @@ class QKLensMixin:
         heads: int | Sequence[int],
         side: str = "key",
         features: Mapping[Any, float] | None = None,
+        *,
         positions: int | Sequence[int] | None = None,
-        freeze_other_patterns: bool = False,
         add: Mapping[Any, float] | None = None,
+        freeze_other_patterns: bool = False,
         qk_norm: str = "frozen",
-        readout: int | Sequence[int] = -1,
+        readout_pos: int | Sequence[int] = -1,
     ) -> QKSteering:
         """Scale dictionary features inside the chosen heads' queries or keys only (before
         rotary; values and other heads untouched) and measure scores, patterns and predictions
         before/after against the attribution's prediction. See :func:`qk_lens.steering.steer_qk`."""
         return steer_qk(
-            self, prompt, layer, heads, side=side, features=features, positions=positions,
-            freeze_other_patterns=freeze_other_patterns, add=add, qk_norm=qk_norm,
-            readout=readout,
+            self, prompt, layer, heads, side, features, positions=positions, add=add,
+            freeze_other_patterns=freeze_other_patterns, qk_norm=qk_norm,
+            readout_pos=readout_pos,
         )  # fmt: skip
 
+    @renamed(readout="readout_pos")
     def steer_qk_sweep(
         self,
         prompt: Any,
@@ -181,37 +185,40 @@ class QKLensMixin:
         heads: int | Sequence[int],
         features: Any,
         scales: Sequence[float],
+        *,
         side: str = "key",
         positions: int | Sequence[int] | None = None,
         freeze_other_patterns: bool = False,
         qk_norm: str = "frozen",
-        readout: int | Sequence[int] = -1,
+        readout_pos: int | Sequence[int] = -1,
         target: tuple[int, int] | None = None,
         batch_size: int = 16,
     ) -> QKSteeringSweep:
         """:meth:`steer_qk` over a range of scales in batched forwards; ``.frame()`` to plot."""
         return steer_qk_sweep(
             self, prompt, layer, heads, features, scales, side=side, positions=positions,
-            freeze_other_patterns=freeze_other_patterns, qk_norm=qk_norm, readout=readout,
-            target=target, batch_size=batch_size,
+            freeze_other_patterns=freeze_other_patterns, qk_norm=qk_norm,
+            readout_pos=readout_pos, target=target, batch_size=batch_size,
         )  # fmt: skip
 
+    @renamed(readout="readout_pos")
     def steer_resid(
         self,
         prompt: Any,
         layer: int,
         features: Any,
-        positions: int | Sequence[int] | None = None,
+        *,
         heads: int | Sequence[int] | None = None,
+        positions: int | Sequence[int] | None = None,
         add: Mapping[Any, float] | None = None,
         freeze_other_patterns: bool = False,
-        readout: int | Sequence[int] = -1,
+        readout_pos: int | Sequence[int] = -1,
     ) -> ResidSteering:
         """Remove (or scale) features in the residual entering ``layer`` (all heads see it): the
         score change predicted with norms frozen beside the one measured with live norms."""
         return steer_resid(
-            self, prompt, layer, features, positions=positions, heads=heads, add=add,
-            freeze_other_patterns=freeze_other_patterns, readout=readout,
+            self, prompt, layer, features, heads=heads, positions=positions, add=add,
+            freeze_other_patterns=freeze_other_patterns, readout_pos=readout_pos,
         )  # fmt: skip
 
 

@@ -44,6 +44,7 @@ class LayerQK:
         self.d_head = arch.d_head
         self.softcap = arch.softcap
         self._ln_scale: Tensor | None = None
+        self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # ----------------------------------------------------------------- masks and positions
     def key_allowed(
@@ -113,8 +114,15 @@ class LayerQK:
         centred = space == "normalized"
         return linearize_norm(x, None if centred else scale, norm.kind, norm.weight, centred)
 
+    def head_weights(self, side: Side, heads: Int[Tensor, "h"]) -> tuple[Tensor, Tensor]:
+        """(W, b) of these heads on ``side`` (kept: calls on the same heads reuse them)."""
+        key = (side, *heads.tolist())
+        if key not in self._weights:
+            self._weights[key] = self.arch.head_weights(side, heads)
+        return self._weights[key]
+
     def _through_w(self, side: Side, x: Tensor, heads: Int[Tensor, "h"]) -> Tensor:
-        W, _ = self.arch.head_weights(side, heads)
+        W, _ = self.head_weights(side, heads)
         return einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
 
     def project_bias(
@@ -122,7 +130,7 @@ class LayerQK:
     ) -> Float[Tensor, "h n d_head"]:
         """The attention-bias part at each position: norm bias · W + b_Q/b_K, then the same
         frozen steps."""
-        W, b = self.arch.head_weights(side, heads)
+        W, b = self.head_weights(side, heads)
         pre = b[:, None, :].expand(-1, len(positions), -1)
         norm_b = self.arch.attn_in.bias
         if norm_b is not None:

@@ -22,6 +22,7 @@ from qk_lens.atlas.weights import (
     copying_score,
     participation_ratio,
 )
+from qk_lens.checks import check_count, check_index, renamed
 
 COMPOSITION_MODES = ("q", "k", "v")
 
@@ -95,12 +96,14 @@ class Composition:
             }
         return pd.DataFrame(rows).T.rename_axis("mode")
 
-    def partners(self, layer: int, head: int, mode: str, k: int = 3) -> pd.DataFrame:
-        """The ``k`` earlier heads whose writes this head's ``mode`` input reads most."""
+    @renamed(k="top_k")
+    def partners(self, layer: int, head: int, mode: str, top_k: int = 3) -> pd.DataFrame:
+        """The ``top_k`` earlier heads whose writes this head's ``mode`` input reads most."""
         mode = check_mode(mode)
         n_layers, n_heads = self.q.shape[:2]
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"(layer, head)=({layer}, {head}) outside {n_layers}×{n_heads} heads")
+        layer = check_index("layer", layer, n_layers, "layers")
+        head = check_index("head", head, n_heads, "heads per layer")
+        k = check_count("top_k", top_k)
         scores = self.scores(mode)[:layer, :, layer, head].reshape(-1)
         z = self.z(mode)[:layer, :, layer, head].reshape(-1)
         order = torch.argsort(scores, descending=True)[:k]

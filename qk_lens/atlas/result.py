@@ -12,7 +12,7 @@ import pandas as pd
 
 from qk_lens.atlas.composition import Composition
 from qk_lens.atlas.weights import Spectra
-from qk_lens.checks import check_index
+from qk_lens.checks import check_count, check_index, renamed
 from qk_lens.display import render
 
 # label -> (score column, comparison, threshold key). Order = display order.
@@ -119,11 +119,13 @@ class HeadAtlas:
         merged = {**self.thresholds, **{k: float(v) for k, v in thresholds.items()}}
         return replace(self, frame=label_frame(self.frame, merged), thresholds=merged)
 
-    def top(self, score: str, k: int = 5) -> pd.DataFrame:
-        """The ``k`` heads with the highest ``score``."""
+    @renamed(k="top_k")
+    def top(self, score: str, top_k: int = 5) -> pd.DataFrame:
+        """The ``top_k`` heads with the highest ``score``."""
         check_score(self.frame, score)
+        top_k = check_count("top_k", top_k)
         cols = ["layer", "head", "name", score, "label_str"]
-        return self.frame.nlargest(k, score)[cols].reset_index(drop=True)
+        return self.frame.nlargest(top_k, score)[cols].reset_index(drop=True)
 
     # ----------------------------------------------------------------- views
     def heatmap(self, score: str, title: str | None = None) -> str:

@@ -117,6 +117,9 @@ def attribute(
 ) -> list[QKAttribution]:
     """Attributions of one query against the given (validated, unmasked) keys, in one batch."""
     heads = torch.tensor([head])
+    if query_basis.key == key_basis.key and hasattr(query_basis, "prepare"):
+        # both sides' positions through the dictionary at once: one read of its encoder
+        query_basis.prepare(model, cap, qk.layer, torch.tensor(sorted({q_pos, *k_positions})))
     q_side = project_side(model, qk, "query", query_basis, torch.tensor([q_pos]), heads)
     k_side = project_side(model, qk, "key", key_basis, torch.tensor(k_positions), heads)
     qv = q_side.vectors[0, 0][q_side.valid[0]]  # [n_q, d_head]

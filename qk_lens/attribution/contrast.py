@@ -48,6 +48,7 @@ from torch import Tensor
 
 from qk_lens.attribution.terms import interaction_kind, tolerance
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame
+from qk_lens.checks import check_count, check_index, renamed
 
 if TYPE_CHECKING:
     from qk_lens.attribution.result import QKAttribution, QKAttributions
@@ -263,15 +264,15 @@ class QKContrast:
         out["interaction"] = interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
         return out
 
-    def top(self, k: int = 10, sign: str = "abs") -> pd.DataFrame:
-        """The ``k`` largest contrast terms (``sign="pos"``: for k, ``"neg"``: for the other)."""
+    @renamed(k="top_k")
+    def top(self, top_k: int = 10, sign: str = "abs") -> pd.DataFrame:
+        """The ``top_k`` largest contrast terms (``sign="pos"``: for k, ``"neg"``: for the other)."""
         if sign not in ("abs", "pos", "neg"):
             raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        top_k = check_count("top_k", top_k)
         flat = self.terms.reshape(-1)
         key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
-        _, idx = torch.topk(key, min(k, flat.numel()))
+        _, idx = torch.topk(key, min(top_k, flat.numel()))
         idx = idx.numpy()
         n_g = self.terms.shape[1]
         return self._pair_frame(idx // n_g, idx % n_g, flat[idx].double().numpy())
@@ -439,10 +440,11 @@ def contrast_attribution(
 
 
 # =========================================================================== inhibitors
+@renamed(top="top_k")
 def inhibitors(
     row: QKAttributions,
     k_pos: int | None = None,
-    top: int = 10,
+    top_k: int = 10,
     level: str = "term",
 ) -> pd.DataFrame:
     """The strongest negative terms at competing keys, ranked by what they do for ``k_pos``.
@@ -458,8 +460,7 @@ def inhibitors(
         raise TypeError(f"row must be a QKAttributions, got {type(row).__name__}")
     if level not in ("term", "key", "query"):
         raise ValueError(f"level must be 'term', 'key' or 'query', got {level!r}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
+    top_k = check_count("top_k", top_k)
     _check_row_complete(row)
     p = _row_probs(row)
     if k_pos is None:
@@ -481,7 +482,7 @@ def inhibitors(
         neg = values < 0
         if not neg.any():
             continue
-        n = min(top, int(neg.sum()))
+        n = min(top_k, int(neg.sum()))
         vals, idx = torch.topk(-values.masked_fill(~neg, 0.0), n)
         vals = -vals
         raw = a.score
@@ -519,7 +520,7 @@ def inhibitors(
             columns=["k_pos", "k_token", "term", "delta_log_p_target", "target_prob_without"]
         )
     out = pd.concat(frames, ignore_index=True)
-    out = out.sort_values("delta_log_p_target", kind="stable").head(top).reset_index(drop=True)
+    out = out.sort_values("delta_log_p_target", kind="stable").head(top_k).reset_index(drop=True)
     out.attrs["target"] = target.k_pos
     return out
 
@@ -600,17 +601,21 @@ class Components:
             )
         return pd.DataFrame(rows)
 
-    def query_parts(self, component: int = 0, k: int = 10) -> pd.DataFrame:
-        """Query parts by |loading| on ``component``, with their share of its score contribution."""
-        return self._side(self.query_meta, self.query_loadings, self.key_loadings, component, k)
+    @renamed(k="top_k")
+    def query_parts(self, component: int = 0, top_k: int = 10) -> pd.DataFrame:
+        """The ``top_k`` query parts by |loading| on ``component``, with their share of its score
+        contribution."""
+        return self._side(self.query_meta, self.query_loadings, self.key_loadings, component, top_k)
 
-    def key_parts(self, component: int = 0, k: int = 10) -> pd.DataFrame:
-        """Key parts by |loading| on ``component``, with their share of its score contribution."""
-        return self._side(self.key_meta, self.key_loadings, self.query_loadings, component, k)
+    @renamed(k="top_k")
+    def key_parts(self, component: int = 0, top_k: int = 10) -> pd.DataFrame:
+        """The ``top_k`` key parts by |loading| on ``component``, with their share of its score
+        contribution."""
+        return self._side(self.key_meta, self.key_loadings, self.query_loadings, component, top_k)
 
     def _side(self, meta: Meta, load: Tensor, other: Tensor, i: int, k: int) -> pd.DataFrame:
-        if not 0 <= int(i) < self.rank:
-            raise ValueError(f"component={i} is out of range: 0..{self.rank - 1}")
+        i = check_index("component", i, self.rank, "components")
+        k = check_count("top_k", k)
         out = meta_frame(meta)
         out["loading"] = load[:, i].numpy()
         # part a's share of component i's score contribution: σ_i u_ia Σ_b v_ib
@@ -741,8 +746,10 @@ class GroupedTerms:
             drop=True
         )
 
-    def top(self, k: int = 10) -> pd.DataFrame:
-        return self.frame().head(k)
+    @renamed(k="top_k")
+    def top(self, top_k: int = 10) -> pd.DataFrame:
+        """The ``top_k`` largest blocks."""
+        return self.frame().head(check_count("top_k", top_k))
 
     def __repr__(self) -> str:
         return (

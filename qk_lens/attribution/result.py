@@ -8,6 +8,7 @@ computation is in :mod:`qk_lens.attribution.compute`.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +40,7 @@ from qk_lens.attribution.terms import (
     tolerance,
 )
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame, part_meta
+from qk_lens.checks import check_count, renamed
 
 
 @dataclass
@@ -138,24 +140,33 @@ class QKAttribution:
         out["interaction"] = interaction_kind(out["q_kind"].to_numpy(), out["k_kind"].to_numpy())
         return out
 
-    def top(self, k: int = 10, sign: str = "abs") -> pd.DataFrame:
-        """The ``k`` largest interactions (by |term|, or ``sign="pos"/"neg"``), both labels side by side."""
+    @renamed(k="top_k")
+    def top(self, top_k: int = 10, sign: str = "abs") -> pd.DataFrame:
+        """The ``top_k`` largest interactions (by |term|, or ``sign="pos"/"neg"``), both labels
+        side by side."""
+        top_k = check_count("top_k", top_k)
         if sign not in ("abs", "pos", "neg"):
             raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
         flat = self.terms.reshape(-1)
         key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
-        k = min(int(k), flat.numel())
-        vals, idx = torch.topk(key, k)
+        vals, idx = torch.topk(key, min(top_k, flat.numel()))
         idx = idx.numpy()
         n_k = self.terms.shape[1]
         frame = self._pair_frame(idx // n_k, idx % n_k, flat[idx].to(torch.float64).numpy())
         return frame.reset_index(drop=True)
 
-    def to_frame(self) -> pd.DataFrame:
+    def frame(self) -> pd.DataFrame:
         """Every term as a row (n_q × n_k rows)."""
         n_q, n_k = self.terms.shape
         qi, ki = np.divmod(np.arange(n_q * n_k), n_k)
         return self._pair_frame(qi, ki, self.terms.reshape(-1).to(torch.float64).numpy())
+
+    def to_frame(self) -> pd.DataFrame:
+        """Deprecated name of :meth:`frame`."""
+        warnings.warn(
+            "QKAttribution.to_frame() is deprecated; use .frame()", DeprecationWarning, stacklevel=2
+        )
+        return self.frame()
 
     def query_marginals(self) -> pd.DataFrame:
         """Each query part's total over all key parts (= q_a · k), sorted by |value|."""
@@ -382,13 +393,15 @@ class QKAttributions:
             }
         )
 
-    def top(self, k: int = 10) -> pd.DataFrame:
-        """The largest |term| interactions over all keys, with the key position."""
-        frames = [a.top(k).assign(k_pos=a.k_pos) for a in self.items]
+    @renamed(k="top_k")
+    def top(self, top_k: int = 10) -> pd.DataFrame:
+        """The ``top_k`` largest |term| interactions over all keys, with the key position."""
+        top_k = check_count("top_k", top_k)
+        frames = [a.top(top_k).assign(k_pos=a.k_pos) for a in self.items]
         out = pd.concat(frames, ignore_index=True)
-        return out.reindex(out["term"].abs().sort_values(ascending=False).index[:k]).reset_index(
-            drop=True
-        )
+        return out.reindex(
+            out["term"].abs().sort_values(ascending=False).index[:top_k]
+        ).reset_index(drop=True)
 
     def contrast(
         self, k_pos: int, other: Any = None, relative_to: str | None = None, capped: bool = False
@@ -397,12 +410,13 @@ class QKAttributions:
         ``relative_to="mean"``); see :func:`qk_lens.attribution.contrast.contrast_row`."""
         return contrast_row(self, k_pos, other, relative_to, capped)
 
+    @renamed(top="top_k")
     def inhibitors(
-        self, k_pos: int | None = None, top: int = 10, level: str = "term"
+        self, k_pos: int | None = None, top_k: int = 10, level: str = "term"
     ) -> pd.DataFrame:
         """The strongest negative terms at competing keys, ranked by what removing each would
         cost ``k_pos``'s log-probability; see :func:`qk_lens.attribution.contrast.inhibitors`."""
-        return inhibitors(self, k_pos, top, level)
+        return inhibitors(self, k_pos, top_k, level)
 
     def __repr__(self) -> str:
         return f"QKAttributions(L{self.layer}H{self.head}, q={self.q_pos}, keys={self.k_positions})"

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from qk_lens.arch import arch_of
 from qk_lens.attribution import CompletenessError, QKAttribution
+from qk_lens.checks import check_count, renamed
 from qk_lens.graph.checkpoints import Checkpoints, check_model
 from qk_lens.graph.nodes import logit_id
 from qk_lens.graph.result import Graph
@@ -134,11 +135,14 @@ class HeadLoadings:
             out = out[out["loading"].abs() >= min_abs].reset_index(drop=True)
         return out
 
-    def top_heads(self, edge: Any, k: int = 3) -> pd.DataFrame:
-        """The ``k`` heads with the largest |loading| on ``edge`` (an index or (source, target))."""
+    @renamed(k="top_k")
+    def top_heads(self, edge: Any, top_k: int = 3) -> pd.DataFrame:
+        """The ``top_k`` heads with the largest |loading| on ``edge`` (an index or (source,
+        target))."""
+        k = check_count("top_k", top_k)
         i = self.graph.edge_index(edge)
         row = self.heads[i].double()
-        k = min(int(k), self.n_heads)
+        k = min(k, self.n_heads)
         idx = row.abs().topk(k).indices
         w = float(self.graph.edge_weight[i])
         return pd.DataFrame(

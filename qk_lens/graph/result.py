@@ -18,7 +18,7 @@ from torch import Tensor
 
 from qk_lens.arch import arch_of
 from qk_lens.attribution import QKAttribution, qk_attribution
-from qk_lens.checks import as_int
+from qk_lens.checks import as_int, check_count, renamed
 from qk_lens.graph.checkpoints import check_model
 from qk_lens.graph.nodes import (
     NODE_COLUMNS,
@@ -147,9 +147,12 @@ class Graph:
         e = e[e["source_index"] == i]
         return e.reindex(e["weight"].abs().sort_values(ascending=False).index)
 
-    def top_edges(self, k: int = 20) -> pd.DataFrame:
+    @renamed(k="top_k")
+    def top_edges(self, top_k: int = 20) -> pd.DataFrame:
+        """The ``top_k`` strongest (|weight|) edges."""
+        top_k = check_count("top_k", top_k)
         e = self.edges
-        return e.reindex(e["weight"].abs().sort_values(ascending=False).index).head(k)
+        return e.reindex(e["weight"].abs().sort_values(ascending=False).index).head(top_k)
 
     # ------------------------------------------------------------------ into QK attributions
     def qk_attribution(self, model: Any, edge: Any, head: int) -> QKAttribution:

@@ -8,7 +8,7 @@ from typing import Any
 import einops
 from torch import Tensor
 
-from qk_lens.checks import check_position, check_positions, is_int, is_real
+from qk_lens.checks import check_position, check_positions, is_int, is_real, renamed
 from qk_lens.steering.edits import (
     EditPlan,
     FeatureKey,
@@ -51,7 +51,7 @@ def qk_steering(
     scale: Tensor,
     freeze: bool,
     qk_norm: str,
-    readout: list[int],
+    readout_pos: list[int],
 ) -> QKSteering:
     is_masked = masked(clean.raw[0])
     return QKSteering(
@@ -66,7 +66,7 @@ def qk_steering(
         predicted_change=predicted.masked_fill(is_masked, float("nan")),
         patterns_before=clean.pattern[0],
         patterns_after=run.pattern[b],
-        readout=readout,
+        readout_pos=readout_pos,
         logits_before=clean.logits[0],
         logits_after=run.logits[b],
         loss_before=clean.loss[0],
@@ -140,6 +140,7 @@ def run_qk(
     return out
 
 
+@renamed(readout="readout_pos")
 def steer_qk(
     model: Any,
     prompt: Any,
@@ -147,11 +148,12 @@ def steer_qk(
     heads: int | Sequence[int],
     side: Side = "key",
     features: Mapping[FeatureKey, float] | None = None,
+    *,
     positions: int | Sequence[int] | None = None,
-    freeze_other_patterns: bool = False,
     add: Mapping[FeatureKey, float] | None = None,
+    freeze_other_patterns: bool = False,
     qk_norm: QKNorm = "frozen",
-    readout: int | Sequence[int] = -1,
+    readout_pos: int | Sequence[int] = -1,
 ) -> QKSteering:
     """Scale dictionary features inside chosen heads' queries or keys only; measure and predict.
 
@@ -161,7 +163,7 @@ def steer_qk(
     added at the positions (injection, also where the feature is inactive; in units of the
     decomposition's coefficients). ``positions`` (None: all) applies to non-tuple keys.
     Only ``heads`` of ``layer`` see the change, only on ``side``; values, other heads and other
-    layers' inputs are untouched. ``readout`` chooses where logits are kept (default: last).
+    layers' inputs are untouched. ``readout_pos`` chooses where logits are kept (default: last).
     """
     s = setup(model, prompt, layer, heads)
     side = check_side(side)
@@ -178,10 +180,11 @@ def steer_qk(
     check_active(groups, coeffs, s.dictionary)
     plan = plan_edits(s, scales, adds, coeffs)
     return run_qk(
-        s, side, [plan], freeze_other_patterns, qk_norm, readout_positions(readout, T), 1
+        s, side, [plan], freeze_other_patterns, qk_norm, readout_positions(readout_pos, T), 1
     )[0]
 
 
+@renamed(readout="readout_pos")
 def steer_qk_sweep(
     model: Any,
     prompt: Any,
@@ -189,15 +192,19 @@ def steer_qk_sweep(
     heads: int | Sequence[int],
     features: FeatureKey | Sequence[FeatureKey],
     scales: Sequence[float],
+    *,
     side: Side = "key",
     positions: int | Sequence[int] | None = None,
     freeze_other_patterns: bool = False,
     qk_norm: QKNorm = "frozen",
-    readout: int | Sequence[int] = -1,
+    readout_pos: int | Sequence[int] = -1,
     target: tuple[int, int] | None = None,
     batch_size: int = 16,
 ) -> QKSteeringSweep:
     """:func:`steer_qk` with every feature in ``features`` at each scale of ``scales``, batched.
+
+    ``features``: an id, a label, a list of them, or a dict ``{feature: factor}`` (each feature
+    then scaled by ``factor × scale``).
 
     ``target=(q_pos, k_pos)`` is where the table reports the chosen heads' attention and score;
     by default the first readout position and the key the first chosen head attended to most.
@@ -214,16 +221,24 @@ def steer_qk_sweep(
         raise ValueError(f"scales must be a non-empty list of finite numbers, got {scales!r}")
     if not is_int(batch_size) or int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    feats = [features] if isinstance(features, (str, tuple)) or is_int(features) else list(features)
-    if not feats:
+    if isinstance(features, Mapping):
+        weights = dict(features)  # feature → its own factor, multiplied by each scale
+    else:
+        feats = (
+            [features] if isinstance(features, (str, tuple)) or is_int(features) else list(features)
+        )
+        weights = dict.fromkeys(feats, 1.0)
+    if not weights:
         raise ValueError("features is empty; give at least one feature id or label")
     T = s.n_tokens
     pos = check_positions("positions", positions, T)
-    base, groups = edit_map("features", dict.fromkeys(feats, 1.0), s.dictionary, pos, T)
+    base, groups = edit_map("features", weights, s.dictionary, pos, T)
     coeffs = coefficients(s, list(range(T)))
     check_active(groups, coeffs, s.dictionary)
-    plans = [plan_edits(s, dict.fromkeys(base, float(x)), {}, coeffs) for x in scale_list]
-    ro = readout_positions(readout, T)
+    plans = [
+        plan_edits(s, {fp: float(x) * w for fp, w in base.items()}, {}, coeffs) for x in scale_list
+    ]
+    ro = readout_positions(readout_pos, T)
     items = run_qk(s, side, plans, freeze_other_patterns, qk_norm, ro, int(batch_size))
     if target is None:
         q = ro[0]

@@ -10,7 +10,7 @@ import einops
 import torch
 from torch import Tensor
 
-from qk_lens.checks import check_positions, is_int
+from qk_lens.checks import check_positions, is_int, renamed
 from qk_lens.steering.edits import (
     FeatureKey,
     check_active,
@@ -37,16 +37,18 @@ from qk_lens.steering.runs import (
 )
 
 
+@renamed(readout="readout_pos")
 def steer_resid(
     model: Any,
     prompt: Any,
     layer: int,
     features: Mapping[FeatureKey, float] | Sequence[FeatureKey] | FeatureKey,
-    positions: int | Sequence[int] | None = None,
+    *,
     heads: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
     add: Mapping[FeatureKey, float] | None = None,
     freeze_other_patterns: bool = False,
-    readout: int | Sequence[int] = -1,
+    readout_pos: int | Sequence[int] = -1,
 ) -> ResidSteering:
     """Edit features in the residual stream entering ``layer`` (all heads and later layers see it).
 
@@ -65,10 +67,16 @@ def steer_resid(
         )
     if not isinstance(freeze_other_patterns, bool):
         raise TypeError(f"freeze_other_patterns must be a bool, got {freeze_other_patterns!r}")
+    if features is None:
+        raise ValueError(
+            "give features: a feature id, a label, a list of them, or a dict of scales"
+        )
     if not isinstance(features, Mapping):
         feats = (
             [features] if isinstance(features, (str, tuple)) or is_int(features) else list(features)
         )
+        if not feats:
+            raise ValueError("features is empty; give at least one feature id or label")
         features = dict.fromkeys(feats, 0.0)
     T = s.n_tokens
     pos = check_positions("positions", positions, T)
@@ -77,7 +85,7 @@ def steer_resid(
     coeffs = coefficients(s, list(range(T)))
     check_active(groups, coeffs, s.dictionary)
     plan = plan_edits(s, scales, adds, coeffs)
-    ro = readout_positions(readout, T)
+    ro = readout_positions(readout_pos, T)
 
     model_, qk, heads_t = s.model, s.qk, s.head_t
     norm_hooks = attn_in_scale_hooks(s) + qk_norm_hooks(s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from qk_lens.attribution import CompletenessError
 from qk_lens.attribution import tolerance as contract_tolerance
-from qk_lens.checks import check_position, check_positions, is_int
+from qk_lens.checks import check_count, check_position, check_positions, is_int, renamed
 from qk_lens.steering.runs import masked
 
 
@@ -46,7 +47,7 @@ class QKSteering:
 
     ``scores_*`` are raw (pre-softcap, ALiBi included; −inf where masked), ``patterns_*`` the
     model's own, both ``[head, q, k]`` over ``heads``. ``predicted_change`` is the attribution's
-    exact prediction (NaN where masked). ``logits_*`` are at the ``readout`` positions;
+    exact prediction (NaN where masked). ``logits_*`` are at the ``readout_pos`` positions;
     ``loss_*[p]`` is the next-token loss of position p (predicting token p + 1).
     """
 
@@ -61,7 +62,7 @@ class QKSteering:
     predicted_change: Float[Tensor, "h q k"]
     patterns_before: Float[Tensor, "h q k"]
     patterns_after: Float[Tensor, "h q k"]
-    readout: list[int]
+    readout_pos: list[int]
     logits_before: Float[Tensor, "n_readout vocab"]
     logits_after: Float[Tensor, "n_readout vocab"]
     loss_before: Float[Tensor, "pos_minus_1"]
@@ -159,24 +160,35 @@ class QKSteering:
             out[f"L{self.layer}H{h} after"] = self.patterns_after[i, q, keys].double().numpy()
         return out
 
-    def _readout_index(self, pos: int | None) -> int:
-        if pos is None:
+    @property
+    def readout(self) -> list[int]:
+        """Deprecated name of :attr:`readout_pos`."""
+        warnings.warn(
+            "QKSteering.readout is deprecated; use .readout_pos", DeprecationWarning, stacklevel=2
+        )
+        return self.readout_pos
+
+    def _readout_index(self, readout_pos: int | None) -> int:
+        if readout_pos is None:
             return 0
-        p = check_position("pos", pos, len(self.tokens))
-        if p not in self.readout:
+        p = check_position("readout_pos", readout_pos, len(self.tokens))
+        if p not in self.readout_pos:
             raise ValueError(
-                f"pos={pos} is not a readout position; logits were kept at {self.readout}"
+                f"readout_pos={readout_pos} is not a readout position; logits were kept at "
+                f"{self.readout_pos}"
             )
-        return self.readout.index(p)
+        return self.readout_pos.index(p)
 
     def _decode(self, t: int) -> str:
         if self.tokenizer is None:
             return str(t)
         return self.tokenizer.decode([t])
 
-    def predictions(self, k: int = 5, pos: int | None = None) -> pd.DataFrame:
-        """Top-``k`` next-token predictions at a readout position, before and after."""
-        i = self._readout_index(pos)
+    @renamed(k="top_k", pos="readout_pos")
+    def predictions(self, top_k: int = 5, readout_pos: int | None = None) -> pd.DataFrame:
+        """Top-``top_k`` next-token predictions at a readout position, before and after."""
+        i = self._readout_index(readout_pos)
+        k = check_count("top_k", top_k)
         rows = {}
         for when, logits in (("before", self.logits_before[i]), ("after", self.logits_after[i])):
             probs = logits.double().softmax(-1)
@@ -188,9 +200,12 @@ class QKSteering:
         out.index.name = "rank"
         return out
 
-    def logit_diff(self, token: int, other: int | None = None, pos: int | None = None) -> pd.Series:
+    @renamed(pos="readout_pos")
+    def logit_diff(
+        self, token: int, other: int | None = None, readout_pos: int | None = None
+    ) -> pd.Series:
         """logit[token] − logit[other] (or logit[token] alone) before and after, at a readout."""
-        i = self._readout_index(pos)
+        i = self._readout_index(readout_pos)
         V = self.logits_before.shape[-1]
         for name, t in (("token", token), ("other", other)):
             if t is not None and (not is_int(t) or not 0 <= int(t) < V):
@@ -261,11 +276,12 @@ class QKSteeringSweep:
         ]
         return pd.DataFrame(rows)
 
-    def predictions(self, k: int = 3) -> pd.DataFrame:
-        """Long table: (scale, rank) → token and probability after steering."""
+    @renamed(k="top_k")
+    def predictions(self, top_k: int = 5) -> pd.DataFrame:
+        """Long table: (scale, rank) → the ``top_k`` tokens and probabilities after steering."""
         frames = []
         for s, it in zip(self.scales, self.items, strict=True):
-            p = it.predictions(k)[["after_token", "after_prob"]].reset_index()
+            p = it.predictions(top_k)[["after_token", "after_prob"]].reset_index()
             frames.append(p.assign(scale=s))
         return pd.concat(frames, ignore_index=True).rename(
             columns={"after_token": "token", "after_prob": "prob"}
