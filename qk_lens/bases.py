@@ -178,25 +178,37 @@ class DictionaryBasis:
 
     def prepare(self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]) -> None:
         """Decompose ``positions`` in one call of the SAE (its encoder is read once for all)."""
-        x = cap.get(self.dictionary.capture_hook).to(arch_of(model).dtype)[positions]
-        self.decompose(cap, layer, x, positions)
+        dt = arch_of(model).dtype
+        store = self._store(cap, layer, dt)
+        missing = [p for p in positions.tolist() if p not in store]
+        if missing:
+            x = cap.get(self.dictionary.capture_hook).to(dt)[missing]
+            self._decompose_into(store, x, missing)
+
+    def _store(self, cap: Capture, layer: int, dtype: torch.dtype) -> dict[int, Decomposition]:
+        return cap.derived.setdefault(("decomp", id(self.dictionary), layer, dtype), {})
+
+    def _decompose_into(
+        self, store: dict[int, Decomposition], x: Tensor, positions: list[int]
+    ) -> None:
+        dec = self.dictionary.decompose(x)
+        for j, p in enumerate(positions):
+            n_active = int((dec.feature_ids[j] >= 0).sum())
+            store[p] = Decomposition(
+                dec.feature_ids[j, :n_active],
+                dec.coeffs[j, :n_active],
+                dec.activations[j, :n_active],
+                dec.bias[j],
+                dec.error[j],
+            )
 
     def decompose(self, cap: Capture, layer: int, x: Tensor, positions: Tensor) -> Decomposition:
         """Decompose only positions not yet decomposed on this capture; reuse the rest."""
-        store = cap.derived.setdefault(("decomp", id(self.dictionary), layer, x.dtype), {})
+        store = self._store(cap, layer, x.dtype)
         pos_list = positions.tolist()
         missing = [i for i, p in enumerate(pos_list) if p not in store]
         if missing:
-            dec = self.dictionary.decompose(x[missing])
-            for j, i in enumerate(missing):
-                n_active = int((dec.feature_ids[j] >= 0).sum())
-                store[pos_list[i]] = Decomposition(
-                    dec.feature_ids[j, :n_active],
-                    dec.coeffs[j, :n_active],
-                    dec.activations[j, :n_active],
-                    dec.bias[j],
-                    dec.error[j],
-                )
+            self._decompose_into(store, x[missing], [pos_list[i] for i in missing])
         items = [store[p] for p in pos_list]
         k = max(1, max(len(it.feature_ids) for it in items))
 

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "top_k", 1) < 1:
-        print("qk-lens demo: --top-k must be >= 1", file=sys.stderr)
+        print(f"qk-lens {args.command}: --top-k must be >= 1", file=sys.stderr)
         return EXIT_ERROR
     return args.run(args)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 from qk_lens.atlas.probes import (
     SCORE_COLUMNS,
@@ -26,6 +27,7 @@ from qk_lens.atlas.probes import (
     strongest,
 )
 from qk_lens.attribution import QKAttribution
+from qk_lens.checks import check_count, check_position
 from qk_lens.views import Report, bar_list, pattern_heatmap, table
 
 _LABEL = re.compile(r"^\s*(current token|previous token)\s*=\s*(.+?)\s*$")
@@ -189,7 +191,7 @@ class InductionStory:
         return rep
 
 
-def default_prompt(model: Any, length: int = 9, seed: int = 7) -> Any:
+def default_prompt(model: Any, length: int = 9, seed: int = 7) -> Tensor:
     """``BOS, s, s`` with ``s`` ``length`` distinct random tokens of the model's vocabulary (as token
     ids, so it works with any tokenizer)."""
     length = min(length, (model.cfg.n_ctx - 1) // 2)
@@ -205,7 +207,7 @@ def choose_pair(tokens: list[int], q_pos: int | None = None) -> tuple[int, int]:
         if earlier:
             candidates.append((q, earlier[-1] + 1))
     if q_pos is not None:
-        q = q_pos % len(tokens)
+        q = check_position("q_pos", q_pos, len(tokens))
         for cq, ck in candidates:
             if cq == q:
                 return cq, ck
@@ -230,6 +232,7 @@ def run_story(
     atlas: bool = True,
 ) -> InductionStory:
     """Run the three steps on an attached model with a dictionary at the induction layer."""
+    top_k = check_count("top_k", top_k)
     if atlas:
         # the atlas probes with the same BOS, s, s prompts: its pattern columns are the scores
         head_atlas = model.head_atlas(n_probes=n_probes, probe_length=default_probe_length(model))

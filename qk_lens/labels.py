@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from qk_lens.files import write_text
+
 if TYPE_CHECKING:
     from qk_lens.dictionaries import Dictionary
 
@@ -107,15 +109,16 @@ class LabelSet:
         cols = [f.name for f in fields(FeatureLabel)]
         return pd.DataFrame([asdict(lab) for lab in self.labels], columns=cols)
 
-    def save(self, path: str | PathLike[str]) -> None:
-        """Write every field as JSON (readable by :meth:`load` and :func:`load_labels`)."""
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write every field as JSON (readable by :meth:`load` and :func:`load_labels`); returns
+        the path written."""
         data = {
             "format": _LABELSET_FORMAT,
             "version": _LABELSET_VERSION,
             "source": self.source,
             "labels": [asdict(lab) for lab in self.labels],
         }
-        Path(path).write_text(json.dumps(data, indent=1), encoding="utf-8")
+        return write_text(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> LabelSet:

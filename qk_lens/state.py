@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -77,7 +78,7 @@ def block_maps(model: Any, cap: Capture, layer: int) -> BlockMaps:
     return cap.derived[key]
 
 
-def capture_device(cap: Capture) -> Any:
+def capture_device(cap: Capture) -> torch.device:
     for t in cap.acts.values():
         return t.device
-    return "cpu"
+    return torch.device("cpu")

@@ -44,7 +44,9 @@ class LayerQK:
         self.d_head = arch.d_head
         self.softcap = arch.softcap
         self._ln_scale: Tensor | None = None
+        # per (side, heads), kept for the capture's later calls
         self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._biases: dict[tuple, Tensor] = {}
 
     # ----------------------------------------------------------------- masks and positions
     def key_allowed(
@@ -130,11 +132,14 @@ class LayerQK:
     ) -> Float[Tensor, "h n d_head"]:
         """The attention-bias part at each position: norm bias · W + b_Q/b_K, then the same
         frozen steps."""
-        W, b = self.head_weights(side, heads)
-        pre = b[:, None, :].expand(-1, len(positions), -1)
-        norm_b = self.arch.attn_in.bias
-        if norm_b is not None:
-            pre = pre + einops.einsum(norm_b, W, "d_model, h d_model d_head -> h d_head")[:, None]
+        key = (side, *heads.tolist())
+        if key not in self._biases:
+            W, b = self.head_weights(side, heads)
+            norm_b = self.arch.attn_in.bias
+            if norm_b is not None:
+                b = b + einops.einsum(norm_b, W, "d_model, h d_model d_head -> h d_head")
+            self._biases[key] = b
+        pre = self._biases[key][:, None, :].expand(-1, len(positions), -1)
         return self.finish(side, pre.clone(), positions, heads)
 
     def qk_norm_scale(

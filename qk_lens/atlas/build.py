@@ -41,6 +41,8 @@ def head_atlas(
             f"head_atlas needs a transformer_lens HookedTransformer, got {type(model).__name__}"
         )
     arch = arch_of(model)
+    if not isinstance(composition, bool):
+        raise TypeError(f"composition must be a bool, got {composition!r}")
     n_probes = check_int("n_probes", n_probes, 1)
     seed = check_int("seed", seed, 0)
     batch_size = check_int("batch_size", batch_size, 1)

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from qk_lens.checks import check_count, check_int
+
 SCORE_COLUMNS = ("previous_token", "induction", "duplicate_token", "first_token", "self")
 
 
@@ -91,8 +93,10 @@ def pattern_scores(
     """One row per (layer, head): mean attention to the previous token, to the induction target,
     to the duplicate token, to the first token and to itself, on repeated random probes
     (``tokens`` of shape ``BOS, s, s`` may be given instead; ``length`` is then ``len(s)``)."""
+    batch_size = check_count("batch_size", batch_size)
     if tokens is None:
-        length = default_probe_length(model) if length is None else int(length)
+        n = check_count("n", n)
+        length = default_probe_length(model) if length is None else check_int("length", length, 1)
         tokens = repeated_random_tokens(model, n=n, length=length, seed=seed)
     else:
         tokens = torch.as_tensor(tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,9 @@ from qk_lens.atlas.composition import Composition
 from qk_lens.atlas.weights import Spectra
 from qk_lens.checks import check_count, check_index, renamed
 from qk_lens.display import render
+
+if TYPE_CHECKING:
+    from qk_lens.views import Report
 
 # label -> (score column, comparison, threshold key). Order = display order.
 LABEL_RULES: dict[str, tuple[str, str, str]] = {
@@ -141,7 +144,7 @@ class HeadAtlas:
         """A compact layer × head grid of labels (the evidence in each cell's tooltip)."""
         return render("atlas.grid", self.frame, LABELS)
 
-    def report(self, title: str | None = None) -> Any:
+    def report(self, title: str | None = None) -> Report:
         """A :class:`qk_lens.views.Report` with the grid, heatmaps and tables."""
         return render(
             "atlas.report", self, title or f"Head atlas: {self.info.get('model', 'model')}"

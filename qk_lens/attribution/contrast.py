@@ -46,9 +46,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from qk_lens.attribution.terms import interaction_kind, tolerance
+from qk_lens.attribution.terms import CompletenessError, interaction_kind, tolerance
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame
-from qk_lens.checks import check_count, check_index, renamed
+from qk_lens.checks import check_count, check_index, check_int, renamed
 
 if TYPE_CHECKING:
     from qk_lens.attribution.result import QKAttribution, QKAttributions
@@ -212,14 +212,14 @@ class QKContrast:
         return tolerance(self.terms.dtype, self.scale)
 
     def check(self, tolerance: float | None = None) -> float:
-        """Raise AssertionError unless Σ terms equals the difference of the model's scores."""
+        """Raise CompletenessError unless Σ terms equals the difference of the model's scores."""
         tol = self.tolerance if tolerance is None else tolerance
         err = abs(self.difference - self.model_difference)
         if self.log_prob is not None:
             # log p(k) = capped advantage − H(p), from the model's own scores
             err = max(err, abs(self.model_advantage - self.entropy - self.log_prob))
         if not err <= tol:
-            raise AssertionError(
+            raise CompletenessError(
                 f"contrast L{self.layer}H{self.head} q={self.q_pos} k={self.k_pos} vs "
                 f"{self.other}: Σ terms = {self.difference!r}, model difference = "
                 f"{self.model_difference!r} (|Δ| = {err:.3g}, tolerance {tol:.3g})"
@@ -572,7 +572,7 @@ class Components:
         return self.strengths**2 / total if total > 0 else torch.zeros_like(self.strengths)
 
     def reconstruct(self, rank: int | None = None) -> Float[Tensor, "n_q n_k"]:
-        r = self.rank if rank is None else int(rank)
+        r = self.rank if rank is None else check_int("rank", rank, 1, self.rank)
         u, s, v = self.query_loadings[:, :r], self.strengths[:r], self.key_loadings[:, :r]
         return torch.einsum("a i, i, b i -> a b", u, s, v)
 

@@ -40,7 +40,8 @@ from qk_lens.attribution.terms import (
     tolerance,
 )
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame, part_meta
-from qk_lens.checks import check_count, renamed
+from qk_lens.checks import as_int, check_count, renamed
+from qk_lens.files import atomic_path, write_text
 
 
 @dataclass
@@ -244,17 +245,19 @@ class QKAttribution:
         )
 
     # ------------------------------------------------------------------ files (no pickle)
-    def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` (tensors) and ``path.json`` (tables and scalars)."""
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` (tensors) and ``path.json`` (tables and scalars); returns
+        the ``.json`` path (``QKAttribution.load`` takes either)."""
         path = Path(path)
-        save_file(
-            {
-                "terms": self.terms.contiguous(),
-                "query_vectors": self.query_vectors.contiguous(),
-                "key_vectors": self.key_vectors.contiguous(),
-            },
-            str(path.with_suffix(".safetensors")),
-        )
+        with atomic_path(path.with_suffix(".safetensors")) as tmp:
+            save_file(
+                {
+                    "terms": self.terms.contiguous(),
+                    "query_vectors": self.query_vectors.contiguous(),
+                    "key_vectors": self.key_vectors.contiguous(),
+                },
+                str(tmp),
+            )
         info = {
             "format": "qk_lens.QKAttribution/1",
             "layer": self.layer,
@@ -272,7 +275,7 @@ class QKAttribution:
             "query_parts": {c: v.tolist() for c, v in self.query_meta.items()},
             "key_parts": {c: v.tolist() for c, v in self.key_meta.items()},
         }
-        path.with_suffix(".json").write_text(json.dumps(info, default=_json_default))
+        return write_text(path.with_suffix(".json"), json.dumps(info, default=_json_default))
 
     @classmethod
     def load(cls, path: str | Path) -> QKAttribution:
@@ -350,6 +353,7 @@ class QKAttributions:
         return iter(self.items)
 
     def __getitem__(self, k_pos: int) -> QKAttribution:
+        k_pos = as_int("k_pos", k_pos, "an int key position")
         for a in self.items:
             if a.k_pos == k_pos:
                 return a
@@ -378,8 +382,9 @@ class QKAttributions:
             mask[i, : a.terms.shape[1]] = True
         return out, mask
 
-    def check(self) -> float:
-        return max(a.check() for a in self.items)
+    def check(self, tolerance: float | None = None) -> float:
+        """Every key's :meth:`QKAttribution.check`; returns the largest error."""
+        return max(a.check(tolerance) for a in self.items)
 
     def summary(self) -> pd.DataFrame:
         """One row per key: position, token, score, model score, probability."""

@@ -16,7 +16,7 @@ from qk_lens.arch import BlockMaps, FrozenNorm, arch_of
 from qk_lens.bases import DictionaryBasis
 from qk_lens.capture import prompt_to_tokens
 from qk_lens.checks import as_int, check_count, check_fraction
-from qk_lens.dictionaries import encoder_readout
+from qk_lens.dictionaries import Decomposition, encoder_readout
 from qk_lens.graph.nodes import (
     READOUTS,
     NodeSet,
@@ -116,7 +116,7 @@ class Checkpoints:
             n_features=0,
         )
 
-    def decomposition(self, layer: int) -> Any:
+    def decomposition(self, layer: int) -> Decomposition:
         if layer not in self._decomp:
             basis = DictionaryBasis(self.dicts[layer])
             x = self.resid(layer)

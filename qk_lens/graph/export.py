@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qk_lens.files import write_text
 from qk_lens.graph.loadings import head_loadings
 from qk_lens.graph.nodes import bias_id, embedding_id, error_id, feature_id
 from qk_lens.graph.result import Graph
@@ -172,7 +173,7 @@ def save_neuronpedia(
     """Write :func:`to_neuronpedia`'s dict as JSON to ``path``; returns the path."""
     path = Path(path)
     data = to_neuronpedia(graph, model, **kwargs)
-    path.write_text(json.dumps(data, ensure_ascii=False, allow_nan=False))
+    write_text(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
     return path
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from qk_lens.arch import arch_of
 from qk_lens.attribution import CompletenessError, QKAttribution
-from qk_lens.checks import check_count, renamed
+from qk_lens.checks import check_count, is_real, renamed
 from qk_lens.graph.checkpoints import Checkpoints, check_model
 from qk_lens.graph.nodes import logit_id
 from qk_lens.graph.result import Graph
@@ -108,6 +108,8 @@ class HeadLoadings:
         """Tidy table: one row per (edge, component) with component ``residual``, ``mlp`` or
         ``head`` (and its ``head`` index); ``share`` = loading / edge weight. Rows with
         |loading| < ``min_abs`` are dropped (the edge's other rows stay)."""
+        if not is_real(min_abs) or min_abs < 0:
+            raise ValueError(f"min_abs must be a non-negative number, got {min_abs!r}")
         e = self.graph.edges
         E, H = self.heads.shape
         values = torch.cat([self.residual[:, None], self.mlp[:, None], self.heads], 1)

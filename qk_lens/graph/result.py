@@ -19,6 +19,7 @@ from torch import Tensor
 from qk_lens.arch import arch_of
 from qk_lens.attribution import QKAttribution, qk_attribution
 from qk_lens.checks import as_int, check_count, renamed
+from qk_lens.files import atomic_path
 from qk_lens.graph.checkpoints import check_model
 from qk_lens.graph.nodes import (
     NODE_COLUMNS,
@@ -205,7 +206,8 @@ class Graph:
             "metadata": self.metadata,
             "nodes": {c: self.nodes[c].astype(str).tolist() for c in NODE_STR_COLUMNS},
         }
-        save_file(tensors, str(path), metadata={META_KEY: json.dumps(header)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header)})
         return path
 
     @classmethod

@@ -239,7 +239,11 @@ class QKSteering:
             "max_error": self.max_error(),
         }
         if target is not None:
-            q, k = target
+            if not isinstance(target, tuple) or len(target) != 2:
+                raise TypeError(f"target must be a (q_pos, k_pos) tuple, got {target!r}")
+            T = len(self.tokens)
+            q = check_position("target q_pos", target[0], T)
+            k = check_position("target k_pos", target[1], T)
             for j, h in enumerate(self.heads):
                 row[f"L{self.layer}H{h} prob"] = float(self.patterns_after[j, q, k])
                 row[f"L{self.layer}H{h} score"] = float(self.scores_after[j, q, k])
@@ -287,8 +291,9 @@ class QKSteeringSweep:
             columns={"after_token": "token", "after_prob": "prob"}
         )
 
-    def check(self) -> float:
-        return max(it.check() for it in self.items)
+    def check(self, tolerance: float | None = None) -> float:
+        """Every scale's :meth:`QKSteering.check`; returns the largest error."""
+        return max(it.check(tolerance) for it in self.items)
 
     def __repr__(self) -> str:
         return f"QKSteeringSweep(scales={self.scales}, target={self.target})"

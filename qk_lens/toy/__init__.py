@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qk_lens.labels import LabelSet
 from qk_lens.toy.recipes import DEFAULT_MODEL, RECIPES
+
+if TYPE_CHECKING:
+    from qk_lens.mixin import HookedQKTransformer
 
 MODELS_DIR = Path(__file__).parent / "models"
 NAMES = tuple(RECIPES)
@@ -76,7 +79,7 @@ def load_model(
     dictionaries: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Any:
+) -> HookedQKTransformer:
     """Load a toy model as an attached ``HookedQKTransformer``; ``dictionaries`` adds its SAEs
     (with labels). ``model.toy`` holds a :class:`ToyInfo`."""
     from safetensors import SafetensorError
@@ -154,7 +157,7 @@ def _add_dictionaries(model: Any, directory: Path, info: ToyInfo, dtype: torch.d
             info.label_sets[d.layer] = labels
 
 
-def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> Any:
+def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> HookedQKTransformer:
     """``load_model``'s short name: ``toy.load("attn2-ln")``."""
     return load_model(name, **kwargs)
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from qk_lens.files import write_text
+
 if TYPE_CHECKING:  # only for annotations; views never need torch at runtime
     import torch
 
@@ -336,7 +338,7 @@ class Report:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(), encoding="utf-8")
+        write_text(path, self.to_html())
         return path
 
     def _repr_html_(self) -> str:
