@@ -20,7 +20,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "as_int",
-    "check_choice",
     "check_count",
     "check_fraction",
     "check_heads",
@@ -134,15 +133,6 @@ def check_fraction(name: str, value: Any) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
     return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """One of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-    return value
 
 
 def renamed(**old_to_new: str) -> Callable[[F], F]:

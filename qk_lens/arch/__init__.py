@@ -23,13 +23,12 @@ from qk_lens.arch.layer import (
     compute_dtype,
 )
 from qk_lens.arch.norms import FrozenNorm, linearize_norm
-from qk_lens.arch.qk import SIDES, SPACES, LayerQK, Side
+from qk_lens.arch.qk import SIDES, LayerQK, Side
 
 __all__ = [
     "ADAPTERS",
     "OLMO_QK_NORM",
     "SIDES",
-    "SPACES",
     "BlockMaps",
     "FrozenNorm",
     "LayerArch",

@@ -37,7 +37,6 @@ class LayerHooks:
     """Hook names of one layer, relative to ``blocks.L.``; ``None`` where the model has none."""
 
     resid_pre: str = "hook_resid_pre"
-    normalized: str | None = "ln1.hook_normalized"
     q: str = "attn.hook_q"
     k: str = "attn.hook_k"
     rot_q: str | None = "attn.hook_rot_q"

@@ -25,10 +25,9 @@ if TYPE_CHECKING:
 
 Side = Literal["query", "key"]
 SIDES = ("query", "key")
-# What a part's vector sums to: the residual (before attn_in), ln1's output (a dictionary on
-# ln1.hook_normalized: already centred and divided by σ), or attention's input after the norm
-# (shortformer positions).
-SPACES = ("resid", "normalized", "attn_input")
+# A part's ``space`` says what its vector sums to: "resid" (the residual, before attn_in),
+# "normalized" (ln1's output before its gain: a dictionary on ln1.hook_normalized, already
+# centred and divided by σ), or "attn_input" (added after the norm: shortformer positions).
 
 
 class LayerQK:

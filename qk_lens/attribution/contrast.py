@@ -46,7 +46,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from qk_lens.attribution.terms import CompletenessError, interaction_kind, tolerance
+from qk_lens.attribution.terms import (
+    CompletenessError,
+    interaction_kind,
+    tolerance,
+    top_entries,
+)
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame
 from qk_lens.checks import check_count, check_index, check_int, renamed
 
@@ -267,15 +272,8 @@ class QKContrast:
     @renamed(k="top_k")
     def top(self, top_k: int = 10, sign: str = "abs") -> pd.DataFrame:
         """The ``top_k`` largest contrast terms (``sign="pos"``: for k, ``"neg"``: for the other)."""
-        if sign not in ("abs", "pos", "neg"):
-            raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
-        top_k = check_count("top_k", top_k)
-        flat = self.terms.reshape(-1)
-        key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
-        _, idx = torch.topk(key, min(top_k, flat.numel()))
-        idx = idx.numpy()
-        n_g = self.terms.shape[1]
-        return self._pair_frame(idx // n_g, idx % n_g, flat[idx].double().numpy())
+        rows, cols, values = top_entries(self.terms, check_count("top_k", top_k), sign)
+        return self._pair_frame(rows, cols, values)
 
     def frame(self) -> pd.DataFrame:
         """Every term as a row (n_q × n_groups)."""

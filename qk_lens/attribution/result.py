@@ -38,6 +38,7 @@ from qk_lens.attribution.terms import (
     CompletenessError,
     interaction_kind,
     tolerance,
+    top_entries,
 )
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame, part_meta
 from qk_lens.checks import as_int, check_count, renamed
@@ -145,16 +146,8 @@ class QKAttribution:
     def top(self, top_k: int = 10, sign: str = "abs") -> pd.DataFrame:
         """The ``top_k`` largest interactions (by |term|, or ``sign="pos"/"neg"``), both labels
         side by side."""
-        top_k = check_count("top_k", top_k)
-        if sign not in ("abs", "pos", "neg"):
-            raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
-        flat = self.terms.reshape(-1)
-        key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
-        vals, idx = torch.topk(key, min(top_k, flat.numel()))
-        idx = idx.numpy()
-        n_k = self.terms.shape[1]
-        frame = self._pair_frame(idx // n_k, idx % n_k, flat[idx].to(torch.float64).numpy())
-        return frame.reset_index(drop=True)
+        rows, cols, values = top_entries(self.terms, check_count("top_k", top_k), sign)
+        return self._pair_frame(rows, cols, values).reset_index(drop=True)
 
     def frame(self) -> pd.DataFrame:
         """Every term as a row (n_q × n_k rows)."""

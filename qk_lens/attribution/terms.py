@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 ALIBI_LABEL = "ALiBi (slope·distance)"
 BIAS_KINDS = ("dictionary bias", "attention bias", "attention bias out", "alibi")
@@ -64,3 +66,20 @@ class AttributionSource:
                     "the model this attribution came from no longer exists; pass model="
                 )
         return model, self.prompt if prompt is None else prompt
+
+
+SIGNS = ("abs", "pos", "neg")
+
+
+def top_entries(
+    terms: Float[Tensor, "n_q n_k"], top_k: int, sign: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of the ``top_k`` largest terms by |term| (``sign="abs"``), by value
+    (``"pos"``) or by −value (``"neg"``)."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be 'abs', 'pos' or 'neg', got {sign!r}")
+    flat = terms.reshape(-1)
+    key = {"abs": flat.abs(), "pos": flat, "neg": -flat}[sign]
+    idx = torch.topk(key, min(top_k, flat.numel())).indices
+    rows, cols = np.divmod(idx.numpy(), terms.shape[1])
+    return rows, cols, flat[idx].to(torch.float64).numpy()

@@ -12,20 +12,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from qk_lens.arch import LayerQK
+from qk_lens.arch import SIDES, LayerQK, Side
 from qk_lens.attribution.compute import setup as attribution_setup
 from qk_lens.bases import DictionaryBasis
 from qk_lens.capture import Capture
 from qk_lens.checks import check_heads, check_position, is_int, is_real
 from qk_lens.state import require_attached
 
-Side = Literal["query", "key"]
 QKNorm = Literal["frozen", "live"]
 FeatureKey = int | str | tuple[int | str, int]
 
 
 def check_side(side: Any) -> Side:
-    if side not in ("query", "key"):
+    if side not in SIDES:
         raise ValueError(f"side must be 'query' or 'key', got {side!r}")
     return side
 

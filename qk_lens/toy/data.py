@@ -100,24 +100,3 @@ def repeated_batch(
         target[b, q] = q - (second - first) + 1
         starts[b], offsets[b] = second, second - first
     return RepeatBatch(tokens, repeated, scored, target, starts, offsets)
-
-
-def repeated_prompt(
-    word_ids: Int[Tensor, " n_words"],
-    bos_id: int,
-    generator: torch.Generator,
-    length: int,
-    gap: int = 0,
-    prefix: int = 0,
-) -> Int[Tensor, " seq"]:
-    """One probe prompt as the models were trained on: ``<bos>``, ``prefix`` words, a segment of
-    ``length`` words, ``gap`` words (all distinct), then the segment again."""
-    words = torch.as_tensor(word_ids)
-    if prefix + length + gap > len(words):
-        raise ValueError(
-            f"prefix+length+gap={prefix + length + gap} distinct words exceed the {len(words)}"
-            " available"
-        )
-    fresh = words[torch.randperm(len(words), generator=generator)[: prefix + length + gap]]
-    segment = fresh[prefix : prefix + length]
-    return torch.cat([torch.tensor([bos_id]), fresh, segment]).long()

@@ -38,7 +38,6 @@ __all__ = ["Report", "bar_list", "pattern_heatmap", "table"]
 # Above this many key columns the heatmap switches to compact cells without printed numbers.
 MAX_NUMBERED_WIDTH = 32
 
-WHITE = (255, 255, 255)
 BLUE = (33, 102, 172)  # positive / attention probability
 RED = (178, 24, 43)  # negative
 HIGHLIGHT = "outline:2px solid #f28e2b;outline-offset:-2px"
