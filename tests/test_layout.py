@@ -5,6 +5,7 @@ import importlib
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,49 @@ def test_module_entry_points():
         )
     assert out.returncode == 0 and "--model" in out.stdout
     assert "deprecated; use `qk-lens train`" in out.stderr
+
+
+# --------------------------------------------------------------------------- the rules of the layout
+PACKAGE = Path(qk_lens.__file__).parent
+ARCH_FLAGS = (
+    "normalization_type", "use_normalization_before_and_after", "use_qk_norm",
+    "original_architecture", "n_key_value_heads", "attn_scores_soft_cap",
+    "positional_embedding_type", "rotary_dim", "rotary_adjacent_pairs", "parallel_attn_mlp",
+    "attn_only", "output_logits_soft_cap", "ungroup_grouped_query_attention", "attention_dir",
+    "window_size", "clip_qkv", "use_logn_attn", "num_experts", "use_split_qkv_input",
+)  # fmt: skip
+
+
+def _sources():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE.parent).as_posix(), path.read_text()
+
+
+def test_architecture_flags_are_read_only_in_arch():
+    import re
+
+    pattern = re.compile(r"cfg\.(" + "|".join(ARCH_FLAGS) + r")\b")
+    offenders = [
+        f"{name}:{i + 1}: {line.strip()}"
+        for name, text in _sources()
+        if not name.startswith("qk_lens/arch/")
+        for i, line in enumerate(text.splitlines())
+        if pattern.search(line) and not line.strip().startswith(("#", "``", "*"))
+    ]
+    assert not offenders, offenders
+
+
+def test_no_private_name_is_imported_from_another_module():
+    import ast
+
+    offenders = []
+    for name, text in _sources():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qk_lens"):
+                offenders += [f"{name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders
+
+
+def test_code_cites_only_documents_inside_the_project():
+    for name, text in _sources():
+        assert "DESIGN.md" not in text and "shared/" not in text, name
