@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,21 +121,30 @@ class Capture:
         return self.derived["logits"]
 
 
-def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:
-    """One forward pass with hooks recording what every explanation on this prompt needs."""
-    arch = arch_of(model)
-    wanted = arch.capture_hooks()
+def recorder(
+    model: Any, names: Iterable[str]
+) -> tuple[dict[str, Tensor], list[tuple[Callable[[str], bool], Callable]]]:
+    """(acts, fwd_hooks): hooks that record each named activation into ``acts`` under the name
+    asked for (a bridge's hook point answers to an alias and a canonical name)."""
+    wanted = set(names)
+    names_of: dict[int, list[str]] = {}
+    for name in wanted:
+        names_of.setdefault(id(model.hook_dict[name]), []).append(name)
     acts: dict[str, Tensor] = {}
 
     def save(tensor: Tensor, hook: Any) -> None:
-        acts[hook.name] = tensor.detach()
+        for name in names_of.get(id(hook), [hook.name]):
+            acts[name] = tensor.detach()
 
-    with torch.no_grad():
-        model.run_with_hooks(
-            tokens[None].to(arch.device),
-            fwd_hooks=[(lambda name: name in wanted, save)],
-            return_type=None,
-        )
+    return acts, [(lambda name: name in wanted, save)]
+
+
+def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:
+    """One forward pass with hooks recording what every explanation on this prompt needs."""
+    arch = arch_of(model)
+    acts, record = recorder(model, arch.capture_hooks())
+    with torch.no_grad(), arch.exact_forward():
+        model.run_with_hooks(tokens[None].to(arch.device), fwd_hooks=record, return_type=None)
     # Drop the batch axis; q_norm/k_norm scales are flattened [batch*pos*head, 1].
     squeezed = {}
     for name, t in acts.items():

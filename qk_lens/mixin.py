@@ -234,8 +234,8 @@ def attach(model: M) -> M:
         return model
     if not supported(model):
         raise TypeError(
-            f"attach() needs a transformer_lens HookedTransformer (or HookedSAETransformer), "
-            f"got {type(model).__name__}"
+            f"attach() needs a transformer_lens HookedTransformer (or HookedSAETransformer) or "
+            f"TransformerBridge, got {type(model).__name__}"
         )
     cls = type(model)
     if cls not in _ATTACHED:

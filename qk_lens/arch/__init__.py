@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qk_lens.arch.block import BlockMaps
+from qk_lens.arch.bridge import bridge_arch, is_bridge
 from qk_lens.arch.hooked import OLMO_QK_NORM, hooked_arch, is_hooked, norm_kind
 from qk_lens.arch.layer import (
     LayerArch,
@@ -49,6 +50,7 @@ __all__ = [
 # (name, recognizer, builder): the first adapter that recognizes a model describes it.
 ADAPTERS: list[tuple[str, Callable[[Any], bool], Callable[[Any], ModelArch]]] = [
     ("transformer_lens.HookedTransformer", is_hooked, hooked_arch),
+    ("transformer_lens.model_bridge.TransformerBridge", is_bridge, bridge_arch),
 ]
 _CACHE_ATTR = "_qk_lens_arch"
 

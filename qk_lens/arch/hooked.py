@@ -11,7 +11,7 @@ scaling, shortformer positions, and the MLP layout (none, sequential, parallel).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -129,9 +129,11 @@ def _layer(model: Any, layer: int, dtype: torch.dtype) -> LayerArch:
         )
     rotary = None
     if cfg.positional_embedding_type == "rotary":
-        rotary = Rotary(
-            cfg.rotary_dim, lambda: (attn.rotary_cos, attn.rotary_sin), attn.rotate_every_two
-        )
+        # The buffers after the forward (they may grow during it), cut to rotary_dim.
+        def tables(cap: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return attn.rotary_cos[:, : cfg.rotary_dim], attn.rotary_sin[:, : cfg.rotary_dim]
+
+        rotary = Rotary(tables, attn.rotate_every_two)
     alibi = None
     if cfg.positional_embedding_type == "alibi":
         # The cached table only grows; slice it exactly as TransformerLens does.
@@ -271,6 +273,7 @@ def hooked_arch(model: Any) -> ModelArch:
         layer_key=lambda layer: _layer_key(model, layer),
         ungrouped=ungrouped,
         capture_hooks=capture_hooks,
+        exact_forward=nullcontext,
         logits=logits,
         logits_input=logits_input,
         model_dtype=cfg.dtype,

@@ -14,13 +14,16 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from qk_lens.arch.norms import FrozenNorm
+
+if TYPE_CHECKING:
+    from qk_lens.capture import Capture
 
 MLPMode = Literal["sequential", "parallel"]
 QKNormKind = Literal["per_head", "full"]
@@ -50,22 +53,23 @@ class LayerHooks:
 
 @dataclass(eq=False)
 class Rotary:
-    """Rotary embedding of one layer: the first ``dim`` dimensions of each query/key rotate by
-    the angle of the vector's own position. ``tables()`` returns the model's own (cos, sin)
-    buffers, read when called (they may grow during a forward); ``rotate_half`` is the model's
-    pairing (NeoX halves or GPT-J adjacent pairs)."""
+    """Rotary embedding of one layer: the first ``rotary_dim`` dimensions of each query/key rotate
+    by the angle of the vector's own position. ``tables(cap)`` returns the (cos, sin) the model
+    used in the captured forward, ``[position, rotary_dim]`` (its own buffers, read after the
+    forward, or the values its hooks recorded); ``rotate_half`` is the model's pairing (NeoX
+    halves or GPT-J adjacent pairs)."""
 
-    dim: int
-    tables: Callable[[], tuple[Tensor, Tensor]]
+    tables: Callable[[Capture], tuple[Tensor, Tensor]]
     rotate_half: Callable[[Tensor], Tensor]
 
     def apply(
-        self, x: Float[Tensor, "h n d_head"], positions: Int[Tensor, "n"]
+        self, x: Float[Tensor, "h n d_head"], positions: Int[Tensor, "n"], cap: Capture
     ) -> Float[Tensor, "h n d_head"]:
-        cos_table, sin_table = self.tables()
+        cos_table, sin_table = self.tables(cap)
         cos = cos_table.to(x.dtype)[positions][None]
         sin = sin_table.to(x.dtype)[positions][None]
-        x_rot, x_pass = x[..., : self.dim], x[..., self.dim :]
+        dim = cos.shape[-1]
+        x_rot, x_pass = x[..., :dim], x[..., dim:]
         rotated = x_rot * cos + self.rotate_half(x_rot) * sin
         return torch.cat([rotated, x_pass], dim=-1)
 
@@ -74,13 +78,16 @@ class Rotary:
 class QKNorm:
     """qk-norm: a norm on each query and key (``per_head``: over d_head, Gemma-3 / Qwen-3;
     ``full``: over all heads at once, OLMo-2). Frozen, it divides by the captured scale and
-    multiplies by the gain. Scales are recorded flattened ``[pos·n, 1]`` at the hooks."""
+    multiplies by the gain. ``scale_layout`` says how the hooks record the scales:
+    ``"pos_head"`` flattened ``[pos·head, 1]`` (TransformerLens), ``"head_pos"`` as
+    ``[head, pos, 1]`` (TransformerBridge; the capture drops the batch axis)."""
 
     kind: QKNormKind
     q_weight: Float[Tensor, "..."] | None
     k_weight: Float[Tensor, "..."] | None
     q_scale_hook: str = "attn.q_norm.hook_scale"
     k_scale_hook: str = "attn.k_norm.hook_scale"
+    scale_layout: Literal["pos_head", "head_pos"] = "pos_head"
 
 
 @dataclass(eq=False)
@@ -196,8 +203,13 @@ class ModelArch:
     logits_softcap: float | None
     build_layer: Callable[[int], LayerArch]
     layer_key: Callable[[int], tuple]
-    ungrouped: Callable[[], AbstractContextManager[None]]
+    # Gives each query head its own copy of its group's key/value for a forward (GQA), so that
+    # one query head's key can be edited alone; None where the model has no such switch.
+    ungrouped: Callable[[], AbstractContextManager[None]] | None
     capture_hooks: Callable[[], set[str]]
+    # The forward qk_lens runs (capture, steering): the model's own, with whatever the adapter
+    # needs for exact hooks (e.g. a bridge's norms in the model's dtype).
+    exact_forward: Callable[[], AbstractContextManager[None]]
     # [batch, pos, d_model] at ``logits_input`` → the model's logits (output softcap included)
     logits: Callable[[Tensor], Tensor]
     logits_input: str

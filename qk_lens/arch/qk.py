@@ -153,7 +153,10 @@ class LayerQK:
             return per_pos[positions][None, :, None].expand(len(heads), -1, -1)
         n = self.n_heads if side == "query" else self.n_kv
         idx = heads if side == "query" else self.arch.kv_heads(heads)
-        per = scale.reshape(T, n)  # flattened [batch·pos·head, 1] at the hook
+        if qn.scale_layout == "head_pos":
+            per = scale.reshape(n, T).T  # [head, pos, 1] at the hook
+        else:
+            per = scale.reshape(T, n)  # flattened [batch·pos·head, 1] at the hook
         return per[positions][:, idx].T[:, :, None]
 
     def qk_norm_weight(self, side: Side, heads: Int[Tensor, "h"]) -> Float[Tensor, "h d_head"]:
@@ -183,7 +186,7 @@ class LayerQK:
                 * self.qk_norm_weight(side, heads)[:, None]
             )
         if self.arch.rotary is not None:
-            out = self.arch.rotary.apply(out, positions)
+            out = self.arch.rotary.apply(out, positions, self.cap)
         if side == "query":
             if self.arch.logn_length is not None:
                 factor = self.arch.logn_factor(positions, self.cap.n_tokens)
@@ -233,8 +236,11 @@ class LayerQK:
             return self.cap.derived[key]
         hooks, L = self.arch.hooks, self.layer
         final = acts[f"blocks.{L}.{hooks.scores}"].to(self.dtype)
+        # Masked entries as −inf whatever the model stored there (−inf, or finfo.min).
+        T = final.shape[-1]
+        masked = ~self.arch.key_allowed(torch.arange(T), torch.arange(T)).to(final.device)
         if self.softcap is None:
-            return final
+            return final.masked_fill(masked, float("-inf"))
         rot_q = f"blocks.{L}.{hooks.rot_q}" if hooks.rot_q else None
         if self.arch.rotary is not None and rot_q in acts:
             q = acts[rot_q].to(self.dtype)  # [batch, q, head, d]
@@ -244,10 +250,10 @@ class LayerQK:
                 q = q * self.arch.logn_factor(torch.arange(T), T)[None, :, None, None]
             k = torch.repeat_interleave(k, q.shape[2] // k.shape[2], dim=2)
             raw = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / self.arch.attn_scale
-            return raw.masked_fill(torch.isneginf(final), float("-inf"))
+            return raw.masked_fill(masked, float("-inf"))
         cap = self.softcap
         raw = cap * torch.atanh((final / cap).clamp(-1 + 1e-15, 1 - 1e-15))
-        return raw.masked_fill(torch.isneginf(final), float("-inf"))
+        return raw.masked_fill(masked, float("-inf"))
 
     def score_hooks(self) -> list[str]:
         """Full names of the hooks :meth:`raw_scores` reads from a run."""

@@ -8,6 +8,7 @@ from typing import Any
 import einops
 from torch import Tensor
 
+from qk_lens.arch import arch_of
 from qk_lens.checks import check_position, check_positions, is_int, is_real, renamed
 from qk_lens.steering.edits import (
     EditPlan,
@@ -87,6 +88,13 @@ def run_qk(
     readout: list[int],
     batch_size: int,
 ) -> list[QKSteering]:
+    if side == "key" and s.qk.arch.group > 1 and arch_of(s.model).ungrouped is None:
+        raise ValueError(
+            f"layer {s.layer} shares each key between {s.qk.arch.group} query heads (GQA), and "
+            f"this {type(s.model).__name__} has no switch to give each query head its own key "
+            "for a run: key-side steering of one head is not possible here; steer the query "
+            "side, or use steer_resid"
+        )
     model, qk, layer = s.model, s.qk, s.layer
     heads = s.head_t
     norm_hooks = qk_norm_hooks(s) if qk_norm == "frozen" else []

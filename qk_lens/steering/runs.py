@@ -4,6 +4,7 @@ with its hooks, and the whole query/key through the frozen maps (the prediction'
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor
 from qk_lens.arch import LayerQK, Side, arch_of
 from qk_lens.attribution.projection import project_side
 from qk_lens.bases import PartsBatch, part_meta
-from qk_lens.capture import Capture
+from qk_lens.capture import Capture, recorder
 from qk_lens.checks import check_position, check_positions, is_int
 from qk_lens.steering.edits import Setup
 
@@ -79,17 +80,11 @@ def forward(
     the chosen heads see an edit of their group's key."""
     model, qk = s.model, s.qk
     arch = arch_of(model)
-    acts: dict[str, Tensor] = {}
-
-    def save(t: Tensor, hook: Any) -> None:
-        acts[hook.name] = t.detach()
-
-    names = list(dict.fromkeys([*qk.score_hooks(), *record]))
+    acts, saving = recorder(model, [*qk.score_hooks(), *record])
     tokens = s.cap.tokens.to(arch.device)[None].expand(n_batch, -1)
-    with torch.no_grad(), arch.ungrouped():
-        logits = model.run_with_hooks(
-            tokens, fwd_hooks=[*hooks, *[(n, save) for n in names]], return_type="logits"
-        )
+    ungrouped = arch.ungrouped() if arch.ungrouped is not None else nullcontext()
+    with torch.no_grad(), ungrouped, arch.exact_forward():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[*hooks, *saving], return_type="logits")
     return make_run(s, logits, acts, qk.raw_scores(acts), readout)
 
 
