@@ -80,14 +80,25 @@ def _load_for_table(args: argparse.Namespace):
         )
     from sae_lens import SAE
 
-    from qk_lens.mixin import HookedQKTransformer
+    import qk_lens
 
-    model = HookedQKTransformer.from_pretrained(args.model)
+    if args.bridge or not _hooked_transformer_available():
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = qk_lens.attach(TransformerBridge.boot_transformers(args.model))
+    else:
+        model = qk_lens.HookedQKTransformer.from_pretrained(args.model)
     for sae_id in args.sae_id or []:
         model.add_dictionary(
             SAE.from_pretrained(args.sae_release, sae_id, device=str(model.cfg.device))
         )
     return model
+
+
+def _hooked_transformer_available() -> bool:
+    import transformer_lens
+
+    return hasattr(transformer_lens, "HookedTransformer")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -253,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--model", default=DEFAULT_MODEL, help="bundled model, its directory, "
                        "or a TransformerLens model name (downloads)")  # fmt: skip
+    table.add_argument("--bridge", action="store_true", help="load a pretrained --model as a "
+                       "TransformerBridge (the default where HookedTransformer is unavailable)")  # fmt: skip
     src = table.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file, one prompt per line")
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -106,18 +106,34 @@ out["local"] = {
     "max_term_diff": float((attr_local.terms - attr.terms).abs().max()),
     "n_feature_rows": int((attr_local.query_parts["kind"] == "feature").sum()),
 }
+
+# ---- the bridge way (TransformerLens's recommended model class), verbatim ----
+from transformer_lens.model_bridge import TransformerBridge
+bridge = qk_lens.attach(TransformerBridge.boot_transformers("gpt2"))
+bridge.add_dictionary(SAE.from_pretrained("gpt2-small-res-jb", "blocks.1.hook_resid_pre"))
+battr = bridge.qk_attribution("some text", layer=1, head=0, q_pos=-1, k_pos=0)
+battr.check()
+# ---- end of user code ----
+with torch.no_grad():
+    _, bcache = bridge.run_with_cache(bridge.to_tokens("some text"))
+bridge_score = float(bcache["blocks.1.attn.hook_attn_scores"][0, 0, n_tok - 1, 0])
+out["bridge"] = {
+    "is_bridge": isinstance(bridge, TransformerBridge),
+    "terms_sum": float(battr.terms.sum()),
+    "bridge_score": bridge_score,
+    "scale": battr.scale,
+    "tl_terms_sum": terms_sum,
+}
 print("QK_LENS_RESULT " + json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
-def user_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(a working folder, an environment whose hub cache is the fake one, offline)."""
     root = tmp_path_factory.mktemp("pretrained")
     hf_home = root / "hf_home"
     populate_fake_hub(hf_home / "hub")
-    script = root / "user_code.py"
-    script.write_text(USER_SCRIPT)
-
     env = dict(os.environ)
     for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
         env.pop(legacy, None)
@@ -129,6 +145,14 @@ def user_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         HF_HUB_DISABLE_TELEMETRY="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
     )
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def user_run(hub: tuple[Path, dict]) -> dict:
+    root, env = hub
+    script = root / "user_code.py"
+    script.write_text(USER_SCRIPT)
     proc = subprocess.run(
         [sys.executable, str(script), str(root / "sae_saved_locally")],
         cwd=root,  # not the repo: TransformerLens treats a ./gpt2 folder as a local model
@@ -170,3 +194,36 @@ def test_locally_saved_sae_attaches(user_run: dict) -> None:
     assert local["check_error"] <= 1e-4
     assert local["max_term_diff"] <= 1e-6
     assert local["n_feature_rows"] == user_run["attr"]["n_feature_rows"] > 0
+
+
+def test_bridge_boot_transformers_offline(user_run: dict) -> None:
+    """``TransformerBridge.boot_transformers("gpt2")``, attached, explains the same scores."""
+    b = user_run["bridge"]
+    assert b["is_bridge"]
+    assert abs(b["terms_sum"] - b["bridge_score"]) <= 1e-4 * b["scale"]
+    # the same weights through HookedTransformer and through the bridge: the same score
+    assert b["terms_sum"] == pytest.approx(b["tl_terms_sum"], abs=1e-4 * b["scale"])
+
+
+def test_cli_table_on_a_bridge_offline(hub: tuple[Path, dict]) -> None:
+    """``qk-lens table --model gpt2 --bridge``: the pretrained path through a bridge."""
+    import pandas as pd
+
+    root, env = hub
+    out = root / "bridge_table.csv"
+    args = ["--model", "gpt2", "--bridge", "--sae-release", "gpt2-small-res-jb"]
+    args += ["--sae-id", SAE_ID, "--prompt", "some text", "--layer", "1", "--top-k", "4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "qk_lens", "table", *args, "--out", str(out), "--quiet"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out)
+    pairs = table.groupby(["head", "q_pos", "k_pos"])
+    assert len(pairs) >= 4  # every head, every unmasked pair of the prompt
+    sums, hooked = pairs["term"].sum(), pairs["model_score"].first()  # the bridge's own hook
+    assert ((sums - hooked).abs() <= 1e-4 * hooked.abs().clip(lower=1.0)).all()

@@ -102,6 +102,8 @@ def as_ungrouped(s: Setup, name: str, t: Tensor) -> Tensor:
     qn = arch.qk_norm
     if qn is None or qn.kind != "per_head" or arch.group == 1:
         return t
+    if arch_of(s.model).ungrouped is None:  # this model's steered runs stay grouped
+        return t
     if name != hook_name(s.layer, qn.k_scale_hook):
         return t
     per_pos = t.reshape(s.n_tokens, arch.n_kv)

@@ -1,0 +1,150 @@
+"""TransformerBridge models (Hugging Face weights wrapped by TransformerLens): every feature read
+through the bridge adapter, exact against the bridge's own hooks.
+
+The bridge runs Hugging Face's RMSNorm through float32; qk_lens runs its forwards with the
+bridge's own norm path (``exact_forward``), so the reference hooks below come from that forward.
+"""
+
+import math
+
+import pytest
+import torch
+
+import qk_lens
+from qk_lens.arch import arch_of
+from qk_lens.bases import DictionaryBasis, UpstreamBasis
+from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, attached_bridge, make_bridge
+from tests.saes import make_sae
+
+torch.set_num_threads(1)
+F64, F32 = torch.float64, torch.float32
+Q = 9  # the last position of the 10-token prompt
+
+
+def hooks_of(model, tokens):
+    """The bridge's own activations, from a forward as qk_lens runs it."""
+    with torch.no_grad(), arch_of(model).exact_forward():
+        _, cache = model.run_with_cache(tokens[None])
+    return cache
+
+
+def model_score(model, cache, layer, head, q, k):
+    """What the bridge's hook holds: the score after softcap (Gemma-2), before the mask."""
+    return float(cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, q, k])
+
+
+def softcapped(model, layer, raw):
+    cap = arch_of(model).layer(layer).softcap
+    return raw if cap is None else cap * math.tanh(raw / cap)
+
+
+@pytest.mark.parametrize("basis", ["dictionary", "upstream"])
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_terms_sum_to_the_bridge_score_float64(name, basis):
+    model, tokens, layer = attached_bridge(name)
+    cache = hooks_of(model, tokens)
+    n = 0
+    for head in range(model.cfg.n_heads):
+        for a in model.qk_attribution(tokens, layer, head, Q, basis=basis):
+            want = model_score(model, cache, layer, head, Q, a.k_pos)
+            got = softcapped(model, layer, float(a.terms.sum()))
+            assert abs(got - want) <= 1e-9, (head, a.k_pos, got, want)
+            n += 1
+    assert n >= model.cfg.n_heads * 4  # a sliding window still leaves 4 keys per query
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_terms_sum_to_the_bridge_score_float32(name):
+    model, tokens, layer = attached_bridge(name, F32)
+    cache = hooks_of(model, tokens)
+    for head in range(model.cfg.n_heads):
+        for a in model.qk_attribution(tokens, layer, head, Q):
+            want = model_score(model, cache, layer, head, Q, a.k_pos)
+            got = softcapped(model, layer, float(a.terms.double().sum()))
+            assert abs(got - want) <= 1e-4 * a.scale, (head, a.k_pos, got, want, a.scale)
+            a.check()
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_bases_sum_to_the_bridge_residual(name):
+    model, tokens, layer = attached_bridge(name)
+    cache = hooks_of(model, tokens)
+    resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
+    cap = model.qk_capture(tokens)
+    positions = torch.arange(len(tokens))
+    for basis in (UpstreamBasis(), DictionaryBasis(model.qk_dictionaries[layer])):
+        pb = basis.parts(model, cap, layer, positions)
+        total = (pb.vectors * pb.valid[..., None]).sum(1)
+        assert torch.allclose(total, resid, atol=1e-10, rtol=0), type(basis).__name__
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_capture_logits_are_the_bridge_logits(name):
+    model, tokens, _ = attached_bridge(name)
+    with torch.no_grad(), arch_of(model).exact_forward():
+        want = model(tokens[None], return_type="logits")[0]
+    assert torch.equal(model.qk_capture(tokens).logits(), want)
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM", "Gemma2ForCausalLM"])
+def test_table_rows_sum_to_the_bridge_scores(name):
+    model, tokens, layer = attached_bridge(name)
+    cache = hooks_of(model, tokens)
+    table = model.qk_attribution_table(tokens, layer, top_k=4)
+    sums = table.groupby(["head", "q_pos", "k_pos"])["term"].sum()
+    for (head, q, k), total in sums.items():
+        want = model_score(model, cache, layer, head, q, k)
+        assert abs(softcapped(model, layer, total) - want) <= 1e-9, (head, q, k)
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_steering_on_bridges(name):
+    """Query-side steering and residual edits everywhere; key side where each query head has
+    its own key (a bridge cannot ungroup GQA keys for a run, so that is refused clearly)."""
+    model, tokens, layer = attached_bridge(name)
+    a = model.qk_attribution(tokens, layer, 0, Q, Q)
+    feature = int(a.key_parts[a.key_parts.kind == "feature"].feature.iloc[0])
+    assert model.steer_qk(tokens, layer, 0, "query", {feature: 0.0}, positions=[Q]).check() < 1e-9
+    assert model.steer_resid(tokens, layer, [feature], positions=[Q]).check() < 1e-9
+    if name in GQA_BRIDGES:
+        with pytest.raises(ValueError, match="shares each key between 2 query heads"):
+            model.steer_qk(tokens, layer, 0, "key", {feature: 0.0}, positions=[Q])
+    else:
+        r = model.steer_qk(tokens, layer, 0, "key", {feature: 0.0}, positions=[Q])
+        assert r.check() < 1e-9
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "Gemma2ForCausalLM"])
+def test_graph_and_head_loadings_on_bridges(name):
+    model = qk_lens.attach(make_bridge(name))
+    for layer in (0, 1):
+        sae = make_sae(
+            "topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=64, d_sae=256, seed=3 + layer
+        )
+        model.add_dictionary(sae)
+    tokens = torch.randint(0, 100, (10,), generator=torch.Generator().manual_seed(5))
+    graph = model.attribution_graph(tokens)
+    loadings = model.head_loadings(graph)
+    assert graph.n_edges > 0 and loadings.check() < 1e-10
+    e = int(loadings.heads.abs().sum(1).argmax())
+    loadings.qk_attribution(e).check()
+
+
+def test_atlas_on_a_bridge():
+    model = qk_lens.attach(make_bridge("Qwen3ForCausalLM"))
+    atlas = model.head_atlas(n_probes=4)
+    assert len(atlas.frame) == 8 and atlas.frame["qk_skew"].notna().all()
+
+
+def test_attach_a_bridge_and_refusals():
+    bridge = make_bridge("GPT2LMHeadModel")
+    model = qk_lens.attach(bridge)
+    assert model is bridge and isinstance(model, qk_lens.QKLensMixin)
+    other = make_bridge("GPT2LMHeadModel")
+    other.cfg.architecture = "FalconForCausalLM"
+    with pytest.raises(TypeError, match="not verified .* 'FalconForCausalLM'.*GPT2LMHeadModel"):
+        qk_lens.attach(other).qk_capture(torch.tensor([1, 2, 3]))
+    processed = make_bridge("GPT2LMHeadModel", F32)
+    processed.enable_compatibility_mode(disable_warnings=True)
+    with pytest.raises(ValueError, match="no_processing=True"):
+        qk_lens.attach(processed).qk_capture(torch.tensor([1, 2, 3]))
