@@ -148,3 +148,17 @@ def test_attach_a_bridge_and_refusals():
     processed.enable_compatibility_mode(disable_warnings=True)
     with pytest.raises(ValueError, match="no_processing=True"):
         qk_lens.attach(processed).qk_capture(torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM", "Gemma2ForCausalLM"])
+def test_compatibility_mode_without_processing_stays_exact(name):
+    """enable_compatibility_mode(no_processing=True): masks become −inf, weights stay raw."""
+    model = qk_lens.attach(make_bridge(name))
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    model.add_dictionary(make_sae("topk", hook="blocks.1.hook_resid_pre", d_in=64, d_sae=256))
+    tokens = torch.randint(0, 100, (10,), generator=torch.Generator().manual_seed(5))
+    cache = hooks_of(model, tokens)
+    for head in (0, 3):
+        for a in model.qk_attribution(tokens, 1, head, Q):
+            want = model_score(model, cache, 1, head, Q, a.k_pos)
+            assert abs(softcapped(model, 1, float(a.terms.sum())) - want) <= 1e-9
