@@ -31,6 +31,7 @@ from qk_lens.arch.layer import (
     ModelArch,
     QKNorm,
     Rotary,
+    capture_hook_names,
     compute_dtype,
 )
 from qk_lens.arch.norms import FrozenNorm
@@ -46,26 +47,6 @@ SUPPORTED = (
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
 )
-LAYER_CAPTURE_HOOKS = (
-    "hook_resid_pre",
-    "ln1.hook_scale",
-    "ln1.hook_normalized",
-    "ln1_post.hook_scale",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_rot_q",
-    "attn.hook_rot_k",
-    "attn.hook_cos",
-    "attn.hook_sin",
-    "attn.q_norm.hook_scale",
-    "attn.k_norm.hook_scale",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_mlp_out",
-)
-MODEL_CAPTURE_HOOKS = ("hook_embed", "hook_pos_embed", "unembed.hook_in")
 
 
 def is_bridge(model: Any) -> bool:
@@ -239,10 +220,13 @@ def bridge_arch(model: Any) -> ModelArch:
                 m.use_native_layernorm_autograd = value
 
     def capture_hooks() -> set[str]:
-        names = set(MODEL_CAPTURE_HOOKS)
-        for layer in range(cfg.n_layers):
-            names.update(f"blocks.{layer}.{h}" for h in LAYER_CAPTURE_HOOKS)
-        return names & set(model.hook_dict)
+        # and each layer's rotary (cos, sin), which a bridge's hooks record
+        return capture_hook_names(
+            model,
+            cfg.n_layers,
+            extra_layer_hooks=("attn.hook_cos", "attn.hook_sin"),
+            extra_model_hooks=("unembed.hook_in",),
+        )
 
     positional = cfg.positional_embedding_type
     if positional not in ("standard", "rotary"):

@@ -26,31 +26,12 @@ from qk_lens.arch.layer import (
     ModelArch,
     QKNorm,
     Rotary,
+    capture_hook_names,
     compute_dtype,
 )
 from qk_lens.arch.norms import FrozenNorm
 
 OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-# Per-layer hooks every explanation may read (names a model lacks are skipped).
-LAYER_CAPTURE_HOOKS = (
-    "hook_resid_pre",
-    "ln1.hook_scale",
-    "ln1.hook_normalized",
-    "ln1_post.hook_scale",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_rot_q",
-    "attn.hook_rot_k",
-    "attn.q_norm.hook_scale",
-    "attn.k_norm.hook_scale",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_mlp_out",
-)
-MODEL_CAPTURE_HOOKS = ("hook_embed", "hook_pos_embed")
 
 
 def is_hooked(model: Any) -> bool:
@@ -225,10 +206,7 @@ def hooked_arch(model: Any) -> ModelArch:
             cfg.ungroup_grouped_query_attention = False
 
     def capture_hooks() -> set[str]:
-        names = {*MODEL_CAPTURE_HOOKS, logits_input}
-        for layer in range(cfg.n_layers):
-            names.update(f"blocks.{layer}.{h}" for h in LAYER_CAPTURE_HOOKS)
-        return names & set(model.hook_dict)
+        return capture_hook_names(model, cfg.n_layers, extra_model_hooks=(logits_input,))
 
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
     soft = cfg.output_logits_soft_cap

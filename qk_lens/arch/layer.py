@@ -30,6 +30,41 @@ QKNormKind = Literal["per_head", "full"]
 PositionalKind = Literal["standard", "rotary", "alibi", "shortformer", "none"]
 
 
+# Per-layer hooks every explanation may read (names a model lacks are skipped).
+LAYER_CAPTURE_HOOKS = (
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln1_post.hook_scale",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.q_norm.hook_scale",
+    "attn.k_norm.hook_scale",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
+MODEL_CAPTURE_HOOKS = ("hook_embed", "hook_pos_embed")
+
+
+def capture_hook_names(
+    model: Any,
+    n_layers: int,
+    extra_layer_hooks: tuple[str, ...] = (),
+    extra_model_hooks: tuple[str, ...] = (),
+) -> set[str]:
+    """Full names of the hooks a capture records: those of :data:`LAYER_CAPTURE_HOOKS` /
+    :data:`MODEL_CAPTURE_HOOKS` (and an adapter's extras) that this model has."""
+    names = {*MODEL_CAPTURE_HOOKS, *extra_model_hooks}
+    for layer in range(n_layers):
+        names.update(f"blocks.{layer}.{h}" for h in (*LAYER_CAPTURE_HOOKS, *extra_layer_hooks))
+    return names & set(model.hook_dict)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Explanations run in float64 for float64 models and float32 otherwise (bf16/fp16 included)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
