@@ -91,21 +91,20 @@ def _layer(model: Any, layer: int, dtype: torch.dtype) -> LayerArch:
     offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))
     d_model, n_heads = cfg.d_model, cfg.n_heads
 
-    def weight(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        t = getattr(attn, name)
-        if t is None:
-            return torch.zeros(shape, dtype=dtype)
-        return t.detach().to(dtype)
-
-    W_Q = weight("W_Q", ())
-    W_K = weight("W_K", ())
-    W_V = weight("W_V", ())
-    W_O = weight("W_O", ())
+    W_Q = attn.W_Q.detach().to(dtype)
+    W_K = attn.W_K.detach().to(dtype)
+    W_V = attn.W_V.detach().to(dtype)
+    W_O = attn.W_O.detach().to(dtype)
     n_kv, d_head = W_K.shape[0], W_Q.shape[-1]
-    b_Q = weight("b_Q", (n_heads, d_head))
-    b_K = weight("b_K", (n_kv, d_head))
-    b_V = weight("b_V", (n_kv, d_head))
-    b_O = weight("b_O", (d_model,))
+
+    def bias(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        b = getattr(attn, name)  # None where the Hugging Face module has no bias
+        return torch.zeros(shape, dtype=dtype) if b is None else b.detach().to(dtype)
+
+    b_Q = bias("b_Q", (n_heads, d_head))
+    b_K = bias("b_K", (n_kv, d_head))
+    b_V = bias("b_V", (n_kv, d_head))
+    b_O = bias("b_O", (d_model,))
 
     children = dict(block.named_children())
     attn_out = None
