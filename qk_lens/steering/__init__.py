@@ -21,9 +21,13 @@ own forward:
 Architecture notes (documented choices):
 
 * **GQA**: ``hook_k`` holds one key per kv head, shared by a group of query heads. To touch only
-  the chosen query heads, the runs set TransformerLens's own
-  ``cfg.ungroup_grouped_query_attention`` for their duration (restored afterwards): each query
-  head then gets its own copy of its group's key (same numbers), and only the chosen copies move.
+  the chosen query heads, the runs ungroup the keys for their duration where the model can
+  (the architecture adapter's ``ungrouped``: TransformerLens's own switch on a HookedTransformer,
+  restored afterwards): each query head then gets its own copy of its group's key (same
+  numbers), and only the chosen copies move. Where it cannot (a TransformerBridge), key-side
+  steering of one head of a shared key is refused.
+* **The clean run** is the prompt's capture (its one forward, logits included): a call runs only
+  the steered forward.
 * **qk-norm** (Gemma-3, Qwen-3, OLMo-2): a change before the norm is not bilinear. By default
   (``qk_norm="frozen"``) the runs hold ``q_norm``/``k_norm``'s scale at its clean value, which is
   exactly steering after the norm in the linear picture the attribution uses; ``"live"`` lets the
