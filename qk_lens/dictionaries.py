@@ -19,13 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from sae_lens import SAE
-from sae_lens.saes import TemporalSAE, Transcoder
-from sae_lens.util import extract_layer_from_tlens_hook_name
 from torch import Tensor
 
 from qk_lens.arch import ModelArch, arch_of, supported
 from qk_lens.labels import LabelSet, load_labels
+
+try:
+    from sae_lens import SAE
+    from sae_lens.saes import TemporalSAE, Transcoder
+except ImportError:  # SAELens pins TransformerLens < 4: beside 4.x, SAE-like objects only
+    SAE = TemporalSAE = Transcoder = None
+
+# What qk_lens uses of an SAE: SAELens's interface, for objects of other classes too.
+SAE_INTERFACE = ("W_dec", "b_dec", "encode", "cfg")
+_HOOK_LAYER = re.compile(r"blocks\.(\d+)\.")
 
 __all__ = [
     "FOLD_REQUIRED_NORMALIZATIONS",
@@ -83,14 +90,22 @@ def _describe_hook(hook_name: str) -> str:
     return "an unrecognised hook"
 
 
+def _is_sae(obj: Any) -> bool:
+    if SAE is not None and isinstance(obj, SAE):
+        return True
+    return all(hasattr(obj, a) for a in SAE_INTERFACE) and hasattr(
+        getattr(obj.cfg, "metadata", None), "hook_name"
+    )
+
+
 def _class_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _suggestion_layer(hook_name: str | None, layer: int | None, n_layers: int) -> int | None:
     """The attention layer to name in a refusal: the requested one, else the hook's own layer."""
-    if layer is None and hook_name:
-        layer = extract_layer_from_tlens_hook_name(hook_name)
+    if layer is None and hook_name and (m := _HOOK_LAYER.match(hook_name)):
+        layer = int(m.group(1))
     if layer is None or not 0 <= layer < n_layers:
         return None
     return layer
@@ -131,14 +146,14 @@ def _check_architecture(sae: SAE, hook_name: str, suggest: int | None) -> None:
     """Refuse what is not a per-token SAE whose decode is linear in its own features."""
     arch = sae.cfg.architecture()
     cls = type(sae).__name__
-    if isinstance(sae, Transcoder) or "transcoder" in arch:
+    if (Transcoder is not None and isinstance(sae, Transcoder)) or "transcoder" in arch:
         out = getattr(sae.cfg.metadata, "hook_name_out", None) or "another hook"
         raise ValueError(
             f"{cls} (architecture {arch!r}) on {hook_name!r} is a transcoder: it maps its input to "
             f"{out} instead of reconstructing it, so it cannot decompose the residual an attention "
             f"layer reads; use an SAE on {_qk_hooks(suggest)}."
         )
-    if isinstance(sae, TemporalSAE) or arch == "temporal":
+    if (TemporalSAE is not None and isinstance(sae, TemporalSAE)) or arch == "temporal":
         raise ValueError(
             f"{cls} on {hook_name!r} is a temporal SAE: it predicts each token's code from earlier "
             "tokens, so its reconstruction is not a per-token dictionary; use a per-token SAE on "
@@ -247,8 +262,11 @@ class Dictionary:
         :func:`qk_lens.labels.load_labels` reads: a mapping feature id -> description, a LabelSet,
         or a path to a JSON / LabelSet / Neuronpedia export file.
         """
-        if not isinstance(sae, SAE):
-            raise TypeError(f"expected a sae_lens.SAE, got {_class_name(sae)}")
+        if not _is_sae(sae):
+            raise TypeError(
+                f"expected a sae_lens.SAE (or an object with its {', '.join(SAE_INTERFACE)} and "
+                f"cfg.metadata.hook_name), got {_class_name(sae)}"
+            )
         if not supported(model):
             raise TypeError(
                 "model must be a TransformerLens model with cfg.n_layers and cfg.d_model (a "

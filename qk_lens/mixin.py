@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import pandas as pd
-from sae_lens import HookedSAETransformer
 
 from qk_lens.arch import forget, supported
 from qk_lens.atlas import HeadAtlas, head_atlas
@@ -244,5 +243,30 @@ def attach(model: M) -> M:
     return model
 
 
-class HookedQKTransformer(QKLensMixin, HookedSAETransformer):
-    """A HookedSAETransformer with qk_lens's methods: ``HookedQKTransformer.from_pretrained("gpt2")``."""
+try:
+    from sae_lens import HookedSAETransformer
+except ImportError:  # TransformerLens 4 (no HookedTransformer) beside which SAELens cannot install
+    HookedSAETransformer = None
+
+if HookedSAETransformer is not None:
+
+    class HookedQKTransformer(QKLensMixin, HookedSAETransformer):
+        """A HookedSAETransformer with qk_lens's methods: ``HookedQKTransformer.from_pretrained("gpt2")``."""
+
+else:
+
+    class HookedQKTransformer(QKLensMixin):  # type: ignore[no-redef]
+        """Needs TransformerLens 3.x and SAELens, which are not installed here."""
+
+        _WHY = (
+            "HookedQKTransformer is a HookedSAETransformer, which needs TransformerLens 3.x and "
+            "SAELens; with TransformerLens 4 use qk_lens.attach(TransformerBridge."
+            "boot_transformers(name))"
+        )
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(self._WHY)
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> HookedQKTransformer:
+            raise ImportError(cls._WHY)

@@ -3,6 +3,7 @@ random weights (norm gains and biases randomized too), wrapped by TransformerLen
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -91,23 +92,29 @@ def make_bridge(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
     return sources.build_bridge_from_module(hf, name, hf_config=cfg)
 
 
+HAVE_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
+
+
 def attached_bridge(name: str, dtype: torch.dtype = torch.float64, n_tok: int = 10) -> Any:
-    """(attached bridge with a random TopK SAE on layer 1's resid_pre, tokens, layer 1), cached."""
+    """(attached bridge, tokens, layer 1), cached; with SAELens installed, a random TopK SAE on
+    layer 1's resid_pre is its dictionary."""
     import qk_lens
-    from tests.saes import make_sae
 
     key = (name, dtype, n_tok)
     if key not in _CACHE:
         model = qk_lens.attach(make_bridge(name, dtype))
-        sae = make_sae(
-            "topk",
-            dtype="float64" if dtype == torch.float64 else "float32",
-            hook="blocks.1.hook_resid_pre",
-            d_in=model.cfg.d_model,
-            d_sae=256,
-            seed=3,
-        )
-        model.add_dictionary(sae)
+        if HAVE_SAE_LENS:
+            from tests.saes import make_sae
+
+            sae = make_sae(
+                "topk",
+                dtype="float64" if dtype == torch.float64 else "float32",
+                hook="blocks.1.hook_resid_pre",
+                d_in=model.cfg.d_model,
+                d_sae=256,
+                seed=3,
+            )
+            model.add_dictionary(sae)
         tokens = torch.randint(0, 100, (n_tok,), generator=torch.Generator().manual_seed(5))
         _CACHE[key] = (model, tokens, 1)
     return _CACHE[key]

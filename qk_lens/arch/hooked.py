@@ -15,8 +15,6 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.utilities.activation_functions import apply_softcap, softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
@@ -34,8 +32,15 @@ from qk_lens.arch.norms import FrozenNorm
 OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
+try:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+except ImportError:  # TransformerLens 4 removed HookedTransformer: this adapter reads nothing
+    HookedTransformer = None
+
+
 def is_hooked(model: Any) -> bool:
-    return isinstance(model, HookedTransformer)
+    return HookedTransformer is not None and isinstance(model, HookedTransformer)
 
 
 def norm_kind(module: Any) -> str:
