@@ -504,3 +504,36 @@ def test_on_model_activations(model):
     dic = Dictionary.from_sae(sae, model)
     assert dic.layer == 1
     check_decomposition(dic, x)
+
+
+class _SAELike:
+    """Not a sae_lens.SAE: an object with its interface (as a user's own SAE class would be)."""
+
+    def __init__(self, sae):
+        self._sae = sae
+        self.cfg, self.W_dec, self.b_dec = sae.cfg, sae.W_dec, sae.b_dec
+        self.W_enc, self.b_enc = sae.W_enc, sae.b_enc
+        self.device, self.dtype = sae.device, sae.dtype
+
+    def encode(self, x):
+        return self._sae.encode(x)
+
+    def decode(self, f):
+        return self._sae.decode(f)
+
+    def __call__(self, x):
+        return self._sae(x)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_an_object_with_the_sae_interface_decomposes_like_the_sae(model, arch):
+    sae = make_sae(arch, "float64", "none", True)
+    like = _SAELike(sae)
+    assert not isinstance(like, type(sae))
+    x = make_x(torch.float64)
+    got = check_decomposition(Dictionary.from_sae(like, model), x)
+    want = Dictionary.from_sae(sae, model).decompose(x)
+    assert torch.equal(got.feature_ids, want.feature_ids)
+    torch.testing.assert_close(got.coeffs, want.coeffs, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="W_dec, b_dec, encode, cfg"):
+        Dictionary.from_sae(object(), model)
