@@ -176,3 +176,19 @@ def test_compatibility_mode_without_processing_stays_exact(name):
         for a in model.qk_attribution(tokens, 1, head, Q, basis=BASES[0]):
             want = model_score(model, cache, 1, head, Q, a.k_pos)
             assert abs(softcapped(model, 1, float(a.terms.sum())) - want) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM"])
+def test_contrasts_and_inhibitors_on_bridges(name):
+    """Why key k and not k′, against the bridge's own scores; inhibitors run on a bridge row."""
+    model, tokens, layer = attached_bridge(name)
+    cache = hooks_of(model, tokens)
+    row = model.qk_attribution(tokens, layer, 1, Q, basis=BASES[0])
+    k, other = row.k_positions[-1], row.k_positions[-2]
+    c = row.contrast(k, other)
+    want = model_score(model, cache, layer, 1, Q, k), model_score(model, cache, layer, 1, Q, other)
+    raw = [float(row[p].terms.sum()) for p in (k, other)]
+    assert [softcapped(model, layer, r) for r in raw] == pytest.approx(list(want), abs=1e-9)
+    assert float(c.terms.sum()) == pytest.approx(raw[0] - raw[1], abs=1e-9)
+    c.check()
+    assert len(row.inhibitors(top_k=3)) <= 3

@@ -14,7 +14,7 @@ from typing import Any
 
 from qk_lens.arch.block import BlockMaps
 from qk_lens.arch.bridge import bridge_arch, is_bridge
-from qk_lens.arch.hooked import OLMO_QK_NORM, hooked_arch, is_hooked, norm_kind
+from qk_lens.arch.hooked import hooked_arch, is_hooked
 from qk_lens.arch.layer import (
     LayerArch,
     LayerHooks,
@@ -28,7 +28,6 @@ from qk_lens.arch.qk import SIDES, LayerQK, Side
 
 __all__ = [
     "ADAPTERS",
-    "OLMO_QK_NORM",
     "SIDES",
     "BlockMaps",
     "FrozenNorm",
@@ -43,7 +42,6 @@ __all__ = [
     "compute_dtype",
     "forget",
     "linearize_norm",
-    "norm_kind",
     "supported",
 ]
 
