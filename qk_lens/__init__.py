@@ -1,8 +1,9 @@
 """qk_lens: explain why attention heads attend where they do, in the terms of SAELens dictionaries.
 
 >>> import qk_lens
->>> model = qk_lens.attach(model)          # any HookedTransformer; same object, new methods
->>> model.add_dictionary(sae)              # a SAELens SAE on the residual entering a layer
+>>> model = qk_lens.attach(model)          # a HookedTransformer or TransformerBridge
+>>> model.add_dictionary(sae)              # a SAELens SAE (or its saved directory) on the
+>>>                                        # residual entering a layer
 >>> attr = model.qk_attribution(prompt, layer, head, q_pos, k_pos)
 >>> attr.top(10)
 
@@ -37,6 +38,7 @@ from qk_lens.graph import (
 from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_features, load_labels
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
 from qk_lens.moved import install as _install_moved_modules
+from qk_lens.sae_files import SavedSAE, load_sae, load_saved_sae
 from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "QKAttributions",
     "QKContrast",
     "QKLensMixin",
+    "SavedSAE",
     "QKSteering",
     "QKSteeringSweep",
     "ResidSteering",
@@ -70,6 +73,8 @@ __all__ = [
     "label_dictionary",
     "label_features",
     "load_labels",
+    "load_sae",
+    "load_saved_sae",
     "pattern_scores",
     "save_neuronpedia",
     "to_neuronpedia",

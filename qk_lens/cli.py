@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     from qk_lens.demo import run_story
 
     try:
-        model = toy.load(args.model)
+        model = toy.load(args.model, bridge=args.bridge or None)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"qk-lens demo: cannot load the model: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -67,38 +67,43 @@ def _load_for_table(args: argparse.Namespace):
 
     is_toy = args.model in toy.NAMES or (Path(args.model) / "config.json").is_file()
     if is_toy:
-        if args.sae_release or args.sae_id:
+        if args.sae_release or args.sae_id or args.sae:
             raise ValueError(
-                "--sae-release/--sae-id are for pretrained models; toy models ship SAEs"
+                "--sae-release/--sae-id/--sae are for pretrained models; toy models ship SAEs"
             )
-        return toy.load(args.model)
-    if not (args.sae_release and args.sae_id) and args.basis == "dictionary":
+        return toy.load(args.model, bridge=args.bridge or None)
+    if bool(args.sae_release) != bool(args.sae_id):
+        raise ValueError("--sae-release and --sae-id go together (a SAELens release and its ids)")
+    if not (args.sae_release or args.sae) and args.basis == "dictionary":
         raise ValueError(
             f"{args.model!r} is not a bundled model: give its SAEs with --sae-release and --sae-id "
-            "(e.g. --sae-release gpt2-small-res-jb --sae-id blocks.5.hook_resid_pre), or use "
+            "(e.g. --sae-release gpt2-small-res-jb --sae-id blocks.5.hook_resid_pre), or with "
+            "--sae DIR or --sae hf://ORG/REPO/FOLDER (SAELens's saved format), or use "
             "--basis upstream"
         )
-    from sae_lens import SAE
-
     import qk_lens
+    from qk_lens.sae_files import load_sae
 
-    if args.bridge or not _hooked_transformer_available():
+    saes = []
+    if args.sae_release:
+        try:
+            from sae_lens import SAE
+        except ImportError:
+            raise ValueError(
+                "--sae-release needs SAELens (with TransformerLens 3.x); beside TransformerLens "
+                "4 give each SAE as --sae hf://ORG/REPO/FOLDER or a local directory"
+            ) from None
+        saes += [SAE.from_pretrained(args.sae_release, i) for i in args.sae_id]
+    if args.bridge or not toy.hooked_transformer_available():
         from transformer_lens.model_bridge import TransformerBridge
 
         model = qk_lens.attach(TransformerBridge.boot_transformers(args.model))
     else:
         model = qk_lens.HookedQKTransformer.from_pretrained(args.model)
-    for sae_id in args.sae_id or []:
-        model.add_dictionary(
-            SAE.from_pretrained(args.sae_release, sae_id, device=str(model.cfg.device))
-        )
+    saes += [load_sae(path, device=str(model.cfg.device)) for path in args.sae or []]
+    for sae in saes:
+        model.add_dictionary(sae.to(device=str(model.cfg.device)))
     return model
-
-
-def _hooked_transformer_available() -> bool:
-    import transformer_lens
-
-    return hasattr(transformer_lens, "HookedTransformer")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -254,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the HTML report goes (default: ./qk_lens_demo.html)",
     )
     demo.add_argument("--no-report", dest="out", action="store_const", const=None)
+    demo.add_argument("--bridge", action="store_true", help="load the model as a "
+                      "TransformerBridge (the default where HookedTransformer is unavailable)")  # fmt: skip
     demo.set_defaults(run=_demo)
 
     table = sub.add_parser(
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--model", default=DEFAULT_MODEL, help="bundled model, its directory, "
                        "or a TransformerLens model name (downloads)")  # fmt: skip
-    table.add_argument("--bridge", action="store_true", help="load a pretrained --model as a "
+    table.add_argument("--bridge", action="store_true", help="load --model as a "
                        "TransformerBridge (the default where HookedTransformer is unavailable)")  # fmt: skip
     src = table.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file, one prompt per line")
@@ -276,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--basis", choices=("dictionary", "upstream"), default="dictionary")
     table.add_argument("--sae-release", default=None, help="SAELens release (pretrained models)")
     table.add_argument("--sae-id", action="append", default=None, help="SAE id (repeatable)")
+    table.add_argument("--sae", action="append", default=None, help="an SAE in SAELens's saved "
+                       "format: a directory or hf://ORG/REPO/FOLDER (repeatable; no SAELens "
+                       "needed)")  # fmt: skip
     table.add_argument("--out", default="qk_table.csv", help=f"output, one of {TABLE_FORMATS}")
     table.add_argument("--quiet", action="store_true", help="no progress bar")
     table.set_defaults(run=_table)

@@ -8,6 +8,7 @@ keyword to the engine in :mod:`qk_lens.attribution`, :mod:`qk_lens.graph`,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from typing import Any, TypeVar
 
 import pandas as pd
@@ -19,6 +20,7 @@ from qk_lens.capture import Capture
 from qk_lens.checks import renamed
 from qk_lens.dictionaries import Dictionary
 from qk_lens.graph import Graph, HeadLoadings, attribution_graph, head_loadings
+from qk_lens.sae_files import load_sae
 from qk_lens.state import ATTACHED_MARKER, capture, state_of
 from qk_lens.steering import (
     QKSteering,
@@ -48,7 +50,13 @@ class QKLensMixin:
         ``labels`` gives the feature descriptions shown in every table: a dict feature id -> str,
         a :class:`~qk_lens.labels.LabelSet`, or a path to a label file (a JSON object, a
         ``LabelSet.save`` file, or a Neuronpedia explanations export).
+
+        ``sae`` may also be a path: a directory in SAELens's saved format (``cfg.json`` +
+        ``sae_weights.safetensors``) or ``hf://ORG/REPO/FOLDER``, read by SAELens where it is
+        installed and by qk_lens's reader beside TransformerLens 4.
         """
+        if isinstance(sae, (str, PathLike)):
+            sae = load_sae(sae, device=str(self.cfg.device))
         d = Dictionary.from_sae(sae, self, layer=layer, labels=labels)
         self.qk_dictionaries[d.layer] = d
         return d

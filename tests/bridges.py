@@ -72,13 +72,16 @@ GQA_BRIDGES = [n for n in BRIDGE_NAMES if "num_key_value_heads" in BRIDGE_CONFIG
 _CACHE: dict[tuple, Any] = {}
 
 
-def make_bridge(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Any:
-    """A fresh random bridge of the Hugging Face class ``name`` in ``dtype``."""
+def make_bridge(
+    name: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any
+) -> Any:
+    """A fresh random bridge of the Hugging Face class ``name`` in ``dtype`` (``overrides``
+    change its config)."""
     import transformers
     from transformer_lens.model_bridge import sources
 
     config_cls, kwargs = BRIDGE_CONFIGS[name]
-    cfg = getattr(transformers, config_cls)(**kwargs)
+    cfg = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     hf = getattr(transformers, name)(cfg).to(dtype).eval()
     gemma = "Gemma" in name
@@ -95,26 +98,36 @@ def make_bridge(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
 HAVE_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
 
 
+def tiny_bridge(rotary: bool = False, dtype: torch.dtype = torch.float32) -> Any:
+    """2 layers, d_model 16, 4 heads of 4, vocab 20: GPT-2 (learned positions) or Llama (rotary)."""
+    if rotary:
+        return make_bridge(
+            "LlamaForCausalLM", dtype, hidden_size=16, intermediate_size=32,
+            num_attention_heads=4, num_key_value_heads=4, head_dim=4, vocab_size=20,
+            max_position_embeddings=16,
+        )  # fmt: skip
+    return make_bridge("GPT2LMHeadModel", dtype, n_embd=16, n_head=4, vocab_size=20, n_positions=16)
+
+
 def attached_bridge(name: str, dtype: torch.dtype = torch.float64, n_tok: int = 10) -> Any:
-    """(attached bridge, tokens, layer 1), cached; with SAELens installed, a random TopK SAE on
-    layer 1's resid_pre is its dictionary."""
+    """(attached bridge, tokens, layer 1), cached; a random TopK SAE on layer 1's resid_pre is
+    its dictionary (a SAELens SAE, or beside TransformerLens 4 qk_lens's reader of its format)."""
     import qk_lens
 
     key = (name, dtype, n_tok)
     if key not in _CACHE:
         model = qk_lens.attach(make_bridge(name, dtype))
-        if HAVE_SAE_LENS:
-            from tests.saes import make_sae
+        from tests.saes import make_sae
 
-            sae = make_sae(
-                "topk",
-                dtype="float64" if dtype == torch.float64 else "float32",
-                hook="blocks.1.hook_resid_pre",
-                d_in=model.cfg.d_model,
-                d_sae=256,
-                seed=3,
-            )
-            model.add_dictionary(sae)
+        sae = make_sae(
+            "topk",
+            dtype="float64" if dtype == torch.float64 else "float32",
+            hook="blocks.1.hook_resid_pre",
+            d_in=model.cfg.d_model,
+            d_sae=256,
+            seed=3,
+        )
+        model.add_dictionary(sae)
         tokens = torch.randint(0, 100, (n_tok,), generator=torch.Generator().manual_seed(5))
         _CACHE[key] = (model, tokens, 1)
     return _CACHE[key]

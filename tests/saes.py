@@ -1,39 +1,39 @@
-"""Shared SAE factory for the tests: every per-token SAELens architecture, randomized."""
+"""Shared SAE factory for the tests: every per-token SAELens architecture, randomized.
+
+With SAELens installed (stack (a)) the SAEs are SAELens objects. Beside TransformerLens 4
+(stack (b)) they are qk_lens's reader of SAELens's saved format: the same random parameters are
+written to disk in that format and read back (``qk_lens.sae_files``).
+"""
+
+import importlib.util
+import tempfile
 
 import torch
-from sae_lens.saes import (
-    AbsTopKSAE,
-    AbsTopKSAEConfig,
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    MatchingPursuitSAE,
-    MatchingPursuitSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
-)
-from sae_lens.saes.sae import SAEMetadata
 
+HAVE_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
 NORMS = ["none", "constant_norm_rescale", "layer_norm"]
 
-# name -> (class, config class, extra config kwargs)
+# name -> (SAELens architecture, extra config kwargs)
 ARCHS = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "gated": (GatedSAE, GatedSAEConfig, {}),
-    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, {"k": 6}),
-    "topk_rescale": (TopKSAE, TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
-    "abstopk": (AbsTopKSAE, AbsTopKSAEConfig, {"k": 6}),
-    "abstopk_rescale": (
-        AbsTopKSAE,
-        AbsTopKSAEConfig,
-        {"k": 6, "rescale_acts_by_decoder_norm": True},
-    ),
-    "matching_pursuit": (MatchingPursuitSAE, MatchingPursuitSAEConfig, {}),
+    "standard": ("standard", {}),
+    "gated": ("gated", {}),
+    "jumprelu": ("jumprelu", {}),
+    "topk": ("topk", {"k": 6}),
+    "topk_rescale": ("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}),
+    "abstopk": ("abstopk", {"k": 6}),
+    "abstopk_rescale": ("abstopk", {"k": 6, "rescale_acts_by_decoder_norm": True}),
+    "matching_pursuit": ("matching_pursuit", {}),
 }
+
+
+def sae_lens_classes(architecture: str):
+    """(SAE class, config class) of SAELens for ``architecture``."""
+    from sae_lens import saes
+
+    name = {"topk": "TopK", "abstopk": "AbsTopK", "jumprelu": "JumpReLU"}.get(
+        architecture, "".join(w.title() for w in architecture.split("_"))
+    )
+    return getattr(saes, f"{name}SAE"), getattr(saes, f"{name}SAEConfig")
 
 
 def randomize_(sae, seed: int = 0) -> None:
@@ -72,20 +72,41 @@ def make_sae(
     d_sae: int = 40,
     **metadata,
 ):
-    """A randomized SAE of architecture ``arch`` (a key of ARCHS) on ``hook``."""
-    cls, cfg_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(
+    """A randomized SAE of architecture ``arch`` (a key of ARCHS) on ``hook``: a SAELens SAE,
+    or (without SAELens) one written in SAELens's format and read back by qk_lens."""
+    architecture, extra = ARCHS[arch]
+    kwargs = dict(
         d_in=d_in,
         d_sae=d_sae,
         dtype=dtype,
         normalize_activations=norm,
         apply_b_dec_to_input=apply_b_dec,
-        metadata=SAEMetadata(hook_name=hook, **metadata),
         **extra,
     )
-    sae = cls(cfg)
+    if HAVE_SAE_LENS:
+        from sae_lens.saes.sae import SAEMetadata
+
+        cls, cfg_cls = sae_lens_classes(architecture)
+        sae = cls(cfg_cls(metadata=SAEMetadata(hook_name=hook, **metadata), **kwargs))
+        randomize_(sae, seed)
+        return sae
+    from qk_lens.sae_files import SAEMetadata, SavedSAE, SavedSAEConfig, load_saved_sae
+
+    cfg = SavedSAEConfig(
+        arch=architecture, metadata=SAEMetadata(hook_name=hook, **metadata), **kwargs
+    )
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    from qk_lens.sae_files import parameter_names
+
+    weights = {
+        n: torch.zeros(shapes.get(n, (d_sae,)), dtype=getattr(torch, dtype))
+        for n in parameter_names(architecture)
+    }
+    sae = SavedSAE(cfg, weights)
     randomize_(sae, seed)
-    return sae
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_model(tmp)
+        return load_saved_sae(tmp)
 
 
 _ATTACHED: dict = {}

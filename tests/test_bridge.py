@@ -13,14 +13,13 @@ import torch
 import qk_lens
 from qk_lens.arch import arch_of
 from qk_lens.bases import DictionaryBasis, UpstreamBasis
-from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, HAVE_SAE_LENS, attached_bridge, make_bridge
+from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, attached_bridge, make_bridge
 
 torch.set_num_threads(1)
 F64, F32 = torch.float64, torch.float32
 Q = 9  # the last position of the 10-token prompt
-# Beside TransformerLens 4 SAELens cannot be installed: the upstream basis needs no dictionary.
-BASES = ["dictionary", "upstream"] if HAVE_SAE_LENS else ["upstream"]
-needs_sae_lens = pytest.mark.skipif(not HAVE_SAE_LENS, reason="needs SAELens (TransformerLens 3)")
+# Beside TransformerLens 4 (no SAELens) the dictionaries are qk_lens's reader of SAELens's format.
+BASES = ["dictionary", "upstream"]
 
 
 def make_sae(*args, **kwargs):
@@ -80,10 +79,7 @@ def test_bases_sum_to_the_bridge_residual(name):
     resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
     cap = model.qk_capture(tokens)
     positions = torch.arange(len(tokens))
-    bases = [UpstreamBasis()]
-    if HAVE_SAE_LENS:
-        bases.append(DictionaryBasis(model.qk_dictionaries[layer]))
-    for basis in bases:
+    for basis in (UpstreamBasis(), DictionaryBasis(model.qk_dictionaries[layer])):
         pb = basis.parts(model, cap, layer, positions)
         total = (pb.vectors * pb.valid[..., None]).sum(1)
         assert torch.allclose(total, resid, atol=1e-10, rtol=0), type(basis).__name__
@@ -108,7 +104,6 @@ def test_table_rows_sum_to_the_bridge_scores(name):
         assert abs(softcapped(model, layer, total) - want) <= 1e-9, (head, q, k)
 
 
-@needs_sae_lens
 @pytest.mark.parametrize("name", BRIDGE_NAMES)
 def test_steering_on_bridges(name):
     """Query-side steering and residual edits everywhere; key side where each query head has
@@ -126,7 +121,6 @@ def test_steering_on_bridges(name):
         assert r.check() < 1e-9
 
 
-@needs_sae_lens
 @pytest.mark.parametrize("name", ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "Gemma2ForCausalLM"])
 def test_graph_and_head_loadings_on_bridges(name):
     model = qk_lens.attach(make_bridge(name))
@@ -168,8 +162,7 @@ def test_compatibility_mode_without_processing_stays_exact(name):
     """enable_compatibility_mode(no_processing=True): masks become −inf, weights stay raw."""
     model = qk_lens.attach(make_bridge(name))
     model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    if HAVE_SAE_LENS:
-        model.add_dictionary(make_sae("topk", hook="blocks.1.hook_resid_pre", d_in=64, d_sae=256))
+    model.add_dictionary(make_sae("topk", hook="blocks.1.hook_resid_pre", d_in=64, d_sae=256))
     tokens = torch.randint(0, 100, (10,), generator=torch.Generator().manual_seed(5))
     cache = hooks_of(model, tokens)
     for head in (0, 3):

@@ -4,37 +4,40 @@ import re
 
 import pytest
 import torch
-from sae_lens.saes import (
-    BatchTopKTrainingSAE,
-    BatchTopKTrainingSAEConfig,
-    GatedTrainingSAE,
-    GatedTrainingSAEConfig,
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTrainingSAE,
-    JumpReLUTrainingSAEConfig,
-    JumpReLUTranscoder,
-    JumpReLUTranscoderConfig,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    StandardTrainingSAE,
-    StandardTrainingSAEConfig,
-    TemporalSAE,
-    TemporalSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-    Transcoder,
-    TranscoderConfig,
-)
-from sae_lens.saes.sae import SAEMetadata
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from qk_lens.dictionaries import Decomposition, Dictionary
-from tests.saes import ARCHS, randomize_
+from tests.saes import ARCHS, HAVE_SAE_LENS, randomize_
 from tests.saes import make_sae as _make_sae
 
+if HAVE_SAE_LENS:
+    from sae_lens.saes import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        GatedTrainingSAE,
+        GatedTrainingSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TemporalSAE,
+        TemporalSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+# Beside TransformerLens 4 (no SAELens) the SAEs are qk_lens's reader of SAELens's format and
+# the model is a TransformerBridge; SAELens's own classes are tested on stack (a).
+needs_sae_lens = pytest.mark.skipif(not HAVE_SAE_LENS, reason="needs SAELens (TransformerLens 3)")
 torch.set_num_threads(2)
 
 D_MODEL, D_SAE, N_TOK = 16, 40, 9
@@ -43,8 +46,19 @@ NORMS = ["none", "constant_norm_rescale", "layer_norm"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def tiny_model(**overrides) -> HookedTransformer:
+def tiny_model(**overrides):
+    """A 2-layer model with d_model 16: a HookedTransformer, or (TransformerLens 4) the same
+    shape as a GPT-2 bridge (rotary: a Llama bridge)."""
     torch.manual_seed(0)
+    if not HAVE_SAE_LENS:
+        from tests.bridges import tiny_bridge
+
+        return tiny_bridge(
+            rotary=overrides.get("positional_embedding_type") == "rotary",
+            dtype=overrides.get("dtype", torch.float32),
+        )
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = dict(
         n_layers=2,
         d_model=D_MODEL,
@@ -59,7 +73,7 @@ def tiny_model(**overrides) -> HookedTransformer:
 
 
 @pytest.fixture(scope="module")
-def model() -> HookedTransformer:
+def model():
     return tiny_model()
 
 
@@ -204,6 +218,7 @@ def test_mixed_dtypes(model, sae_dtype, x_dtype, norm):
     torch.testing.assert_close(recon, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
+@needs_sae_lens
 @pytest.mark.parametrize(
     ("cls", "cfg_cls", "extra"),
     [
@@ -211,7 +226,9 @@ def test_mixed_dtypes(model, sae_dtype, x_dtype, norm):
         (GatedTrainingSAE, GatedTrainingSAEConfig, {}),
         (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, {}),
         (TopKTrainingSAE, TopKTrainingSAEConfig, {"k": 5, "use_sparse_activations": True}),
-    ],
+    ]
+    if HAVE_SAE_LENS
+    else [],
 )
 def test_training_classes(model, cls, cfg_cls, extra):
     cfg = cfg_cls(
@@ -321,6 +338,7 @@ def test_refuses_non_residual_hooks(model, hook):
         Dictionary.from_sae(make_sae(hook=hook), model, layer=0)
 
 
+@needs_sae_lens
 def test_refuses_hook_z_reshaping(model):
     cfg = StandardSAEConfig(
         d_in=D_MODEL,
@@ -332,6 +350,7 @@ def test_refuses_hook_z_reshaping(model):
         Dictionary.from_sae(StandardSAE(cfg), model)
 
 
+@needs_sae_lens
 @pytest.mark.parametrize(
     ("cls", "cfg_cls"),
     [
@@ -339,7 +358,9 @@ def test_refuses_hook_z_reshaping(model):
         (SkipTranscoder, SkipTranscoderConfig),
         (JumpReLUTranscoder, JumpReLUTranscoderConfig),
         (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
-    ],
+    ]
+    if HAVE_SAE_LENS
+    else [],
 )
 def test_refuses_transcoders(model, cls, cfg_cls):
     cfg = cfg_cls(
@@ -356,6 +377,7 @@ def test_refuses_transcoders(model, cls, cfg_cls):
         Dictionary.from_sae(cls(cfg), model)
 
 
+@needs_sae_lens
 def test_refuses_temporal(model):
     cfg = TemporalSAEConfig(
         d_in=D_MODEL,
@@ -369,6 +391,7 @@ def test_refuses_temporal(model):
         Dictionary.from_sae(TemporalSAE(cfg), model)
 
 
+@needs_sae_lens
 def test_refuses_batchtopk_training_sae(model):
     cfg = BatchTopKTrainingSAEConfig(
         d_in=D_MODEL, d_sae=D_SAE, k=4, metadata=SAEMetadata(hook_name=HOOK)
@@ -377,6 +400,7 @@ def test_refuses_batchtopk_training_sae(model):
         Dictionary.from_sae(BatchTopKTrainingSAE(cfg), model)
 
 
+@needs_sae_lens
 def test_refuses_unknown_architecture(model):
     class OddConfig(StandardSAEConfig):
         @classmethod
@@ -392,9 +416,8 @@ def test_refuses_unknown_architecture(model):
 
 
 def test_refuses_wrong_d_in(model):
-    cfg = StandardSAEConfig(d_in=8, d_sae=D_SAE, metadata=SAEMetadata(hook_name=HOOK))
     with pytest.raises(ValueError, match=r"d_in=8.*d_model=16"):
-        Dictionary.from_sae(StandardSAE(cfg), model)
+        Dictionary.from_sae(_make_sae("standard", hook=HOOK, d_in=8, d_sae=D_SAE), model)
 
 
 def test_refuses_layers_out_of_range(model):
@@ -421,8 +444,10 @@ def test_refuses_bad_types(model):
         Dictionary.from_sae(torch.nn.Linear(2, 2), model)
     with pytest.raises(TypeError, match=r"cfg\.n_layers.*dict"):
         Dictionary.from_sae(make_sae(), {})
+    nameless = make_sae()
+    nameless.cfg.metadata = type(nameless.cfg.metadata)()
     with pytest.raises(ValueError, match=r"no cfg\.metadata\.hook_name"):
-        Dictionary.from_sae(StandardSAE(StandardSAEConfig(d_in=D_MODEL, d_sae=D_SAE)), model)
+        Dictionary.from_sae(nameless, model)
 
 
 def test_decompose_validates_x(model):

@@ -1,7 +1,7 @@
 """Bundled tiny models with their dictionaries: the induction mechanism, offline, in a second.
 
 >>> from qk_lens import toy
->>> model = toy.load("attn2-ln")          # an attached HookedQKTransformer with its SAEs added
+>>> model = toy.load("attn2-ln")  # attached, with its SAEs (bridge=True: as a TransformerBridge)
 >>> model.to_str_tokens("fox owl cat fox owl cat")
 
 Models (``toy.NAMES``): ``attn2-ln`` (2-layer attention-only, LayerNorm, learned positions) and
@@ -79,16 +79,25 @@ def load_model(
     dictionaries: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> HookedQKTransformer:
-    """Load a toy model as an attached ``HookedQKTransformer``; ``dictionaries`` adds its SAEs
-    (with labels). ``model.toy`` holds a :class:`ToyInfo`."""
+    bridge: bool | None = None,
+) -> Any:
+    """Load a toy model, attached; ``dictionaries`` adds its SAEs (with labels). ``model.toy``
+    holds a :class:`ToyInfo`.
+
+    ``bridge=False`` gives a ``HookedQKTransformer`` (TransformerLens 3.x with SAELens);
+    ``bridge=True`` the same weights as a Hugging Face model in a ``TransformerBridge``
+    (``attn2-ln`` as GPT-2, ``attn2-rope`` as Llama). The default is the HookedTransformer where
+    TransformerLens has one, else the bridge.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
 
-    from qk_lens.mixin import HookedQKTransformer
     from qk_lens.toy.tokenizer import load_tokenizer
 
+    if bridge is None:
+        bridge = not hooked_transformer_available()
+    if not isinstance(bridge, bool):
+        raise TypeError(f"bridge must be True, False or None, got {bridge!r}")
     directory = model_dir(name)
     label = directory.name
     if not directory.is_dir():
@@ -96,13 +105,12 @@ def load_model(
             f"toy model directory {directory} is missing; {_retrain_hint(label)}"
         )
     config = _read_json(directory / CONFIG_FILE, label)
-    try:
-        cfg = HookedTransformerConfig(**config["hooked_transformer_config"], device=str(device))
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
+    hooked_config = config.get("hooked_transformer_config")
+    if not isinstance(hooked_config, dict):
         raise ValueError(
-            f"{directory / CONFIG_FILE} has no usable 'hooked_transformer_config' ({e!r}); "
+            f"{directory / CONFIG_FILE} has no 'hooked_transformer_config' object; "
             f"{_retrain_hint(label)}"
-        ) from None
+        )
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"weight file {weights_path} is missing; {_retrain_hint(label)}")
@@ -116,15 +124,9 @@ def load_model(
         tokenizer = load_tokenizer(directory / "tokenizer")
     except (OSError, ValueError) as e:
         raise ValueError(f"tokenizer in {directory / 'tokenizer'} failed to load ({e})") from None
-    model = HookedQKTransformer(cfg, tokenizer=tokenizer)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"weight file {weights_path} does not match the model in {CONFIG_FILE}: "
-            f"{str(e).splitlines()[0]} …; {_retrain_hint(label)}"
-        ) from None
-    if dtype != cfg.dtype:
+    build = _as_bridge if bridge else _as_hooked
+    model = build(hooked_config, state, tokenizer, directory, device)
+    if dtype != model.cfg.dtype:
         model.to(dtype)
     model.eval()
     info = ToyInfo(name=config.get("name", label), directory=directory, config=config)
@@ -134,8 +136,71 @@ def load_model(
     return model
 
 
+def hooked_transformer_available() -> bool:
+    """Whether this TransformerLens has HookedTransformer (3.x) and SAELens is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("sae_lens") is None:
+        return False
+    try:  # TransformerLens 4 raises ImportError for the removed name
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _as_hooked(
+    hooked_config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
+    directory: Path, device: str | torch.device,
+) -> HookedQKTransformer:  # fmt: skip
+    from transformer_lens import HookedTransformerConfig
+
+    from qk_lens.mixin import HookedQKTransformer
+
+    try:
+        cfg = HookedTransformerConfig(**hooked_config, device=str(device))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{directory / CONFIG_FILE} has no usable 'hooked_transformer_config' ({e!r}); "
+            f"{_retrain_hint(directory.name)}"
+        ) from None
+    model = HookedQKTransformer(cfg, tokenizer=tokenizer)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"weight file {directory / WEIGHTS_FILE} does not match the model in {CONFIG_FILE}: "
+            f"{str(e).splitlines()[0]} …; {_retrain_hint(directory.name)}"
+        ) from None
+    return model
+
+
+def _as_bridge(
+    hooked_config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
+    directory: Path, device: str | torch.device,
+) -> Any:  # fmt: skip
+    from transformer_lens.model_bridge import sources
+
+    import qk_lens
+    from qk_lens.arch.convert import hooked_to_hf
+
+    try:
+        hf, hf_config, architecture = hooked_to_hf(hooked_config, state)
+    except KeyError as e:
+        raise ValueError(
+            f"weight file {directory / WEIGHTS_FILE} lacks {e} for the model in {CONFIG_FILE}; "
+            f"{_retrain_hint(directory.name)}"
+        ) from None
+    hf.to(device)
+    bridge = sources.build_bridge_from_module(
+        hf, architecture, hf_config=hf_config, tokenizer=tokenizer,
+        model_name=hooked_config.get("model_name", directory.name),
+    )  # fmt: skip
+    return qk_lens.attach(bridge)
+
+
 def _add_dictionaries(model: Any, directory: Path, info: ToyInfo, dtype: torch.dtype) -> None:
-    from sae_lens import SAE
+    from qk_lens.sae_files import load_sae
 
     sae_root = directory / SAE_DIR
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
@@ -147,7 +212,7 @@ def _add_dictionaries(model: Any, directory: Path, info: ToyInfo, dtype: torch.d
                 f"in {path}); {_retrain_hint(info.name)}, or load with dictionaries=False"
             )
         try:
-            sae = SAE.load_from_disk(str(path), device=str(model.cfg.device))
+            sae = load_sae(path, device=str(model.cfg.device))
         except Exception as e:  # SAELens raises many kinds here; all mean "this file is bad"
             raise ValueError(f"the SAE in {path} failed to load ({e!r})") from None
         sae.to(dtype=dtype)
@@ -157,9 +222,18 @@ def _add_dictionaries(model: Any, directory: Path, info: ToyInfo, dtype: torch.d
             info.label_sets[d.layer] = labels
 
 
-def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> HookedQKTransformer:
+def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> Any:
     """``load_model``'s short name: ``toy.load("attn2-ln")``."""
     return load_model(name, **kwargs)
 
 
-__all__ = ["DEFAULT_MODEL", "MODELS_DIR", "NAMES", "ToyInfo", "load", "load_model", "model_dir"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS_DIR",
+    "NAMES",
+    "ToyInfo",
+    "hooked_transformer_available",
+    "load",
+    "load_model",
+    "model_dir",
+]

@@ -1,0 +1,126 @@
+"""HookedTransformer weights as a Hugging Face module, for a TransformerBridge to wrap.
+
+TransformerLens 4 has no HookedTransformer, so a model saved as a HookedTransformer state dict
+(the bundled toy models) is rebuilt as the Hugging Face family with the same computation:
+LayerNorm + learned positions → ``GPT2LMHeadModel``; RMSNorm + rotary (rotate-half pairs, as
+TransformerLens's default) → ``LlamaForCausalLM`` with attention biases. HookedTransformer's
+unembedding bias becomes a bias on ``lm_head``. Attention-only models get an MLP whose output
+projection is zero, which adds exactly 0 to the residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CONVERTIBLE", "hooked_to_hf"]
+
+# (normalization_type, positional_embedding_type) -> Hugging Face class
+CONVERTIBLE = {("LN", "standard"): "GPT2LMHeadModel", ("RMS", "rotary"): "LlamaForCausalLM"}
+
+
+def _require(cfg: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> Any:
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise ValueError(
+            f"cannot rebuild a HookedTransformer with {key}={value!r} as a Hugging Face model; "
+            f"convertible: {key} in {allowed}"
+        )
+    return value
+
+
+def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Module, Any, str]:
+    """(Hugging Face model, its config, its class name) computing what the HookedTransformer
+    with config dict ``cfg`` (HookedTransformerConfig's fields) and ``state`` computes."""
+    import transformers
+
+    kind = (cfg.get("normalization_type"), cfg.get("positional_embedding_type", "standard"))
+    if kind not in CONVERTIBLE:
+        raise ValueError(
+            f"cannot rebuild a HookedTransformer with normalization_type={kind[0]!r} and "
+            f"positional_embedding_type={kind[1]!r} as a Hugging Face model; convertible: "
+            + ", ".join(f"{n}+{p} ({c})" for (n, p), c in CONVERTIBLE.items())
+        )
+    _require(cfg, "attn_only", (True,), False)
+    _require(cfg, "n_key_value_heads", (None,), None)
+    _require(cfg, "use_attn_scale", (True,), True)
+    n_layers, d_model, n_heads, d_head = (
+        cfg[k] for k in ("n_layers", "d_model", "n_heads", "d_head")
+    )
+    if n_heads * d_head != d_model:
+        raise ValueError(f"n_heads * d_head = {n_heads * d_head} must equal d_model = {d_model}")
+    eps = float(cfg.get("eps", 1e-5))
+    shape = dict(vocab_size=cfg["d_vocab"], tie_word_embeddings=False)
+    name = CONVERTIBLE[kind]
+    if name == "GPT2LMHeadModel":
+        hf_cfg = transformers.GPT2Config(
+            n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=cfg["n_ctx"],
+            n_inner=4 * d_model, layer_norm_epsilon=eps, activation_function="gelu_new",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape,
+        )  # fmt: skip
+    else:
+        _require(cfg, "rotary_adjacent_pairs", (False,), False)
+        _require(cfg, "rotary_dim", (d_head,), d_head)
+        hf_cfg = transformers.LlamaConfig(
+            hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d_head,
+            max_position_embeddings=cfg["n_ctx"], rms_norm_eps=eps, attention_bias=True,
+            rope_theta=float(cfg.get("rotary_base", 10000)), **shape,
+        )  # fmt: skip
+    dtype = state["embed.W_E"].dtype
+    hf = getattr(transformers, name)(hf_cfg).to(dtype).eval()
+    # HookedTransformer's unembedding has a bias; neither family's lm_head does.
+    hf.lm_head = nn.Linear(d_model, cfg["d_vocab"], bias=True, dtype=dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()  # the MLPs stay zero: an attention-only model's MLP adds nothing
+        (_fill_gpt2 if name == "GPT2LMHeadModel" else _fill_llama)(hf, state, n_layers)
+        hf.lm_head.weight.copy_(state["unembed.W_U"].T)
+        hf.lm_head.bias.copy_(state["unembed.b_U"])
+    return hf, hf_cfg, name
+
+
+def _heads_in(w: Tensor) -> Tensor:
+    """[head, d_model, d_head] → [d_model, head·d_head] (x @ it gives the heads side by side)."""
+    return einops.rearrange(w, "head d_model d_head -> d_model (head d_head)")
+
+
+def _fill_gpt2(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
+    t = hf.transformer
+    t.wte.weight.copy_(s["embed.W_E"])
+    t.wpe.weight.copy_(s["pos_embed.W_pos"])
+    for layer, block in enumerate(t.h):
+        p = f"blocks.{layer}."
+        block.ln_1.weight.copy_(s[p + "ln1.w"])
+        block.ln_1.bias.copy_(s[p + "ln1.b"])
+        block.ln_2.weight.fill_(1.0)  # reads into the zero MLP
+        attn = block.attn  # Conv1D: x @ weight + bias
+        attn.c_attn.weight.copy_(torch.cat([_heads_in(s[p + f"attn.W_{m}"]) for m in "QKV"], dim=1))
+        attn.c_attn.bias.copy_(torch.cat([s[p + f"attn.b_{m}"].reshape(-1) for m in "QKV"]))
+        attn.c_proj.weight.copy_(
+            einops.rearrange(s[p + "attn.W_O"], "head d_head d_model -> (head d_head) d_model")
+        )
+        attn.c_proj.bias.copy_(s[p + "attn.b_O"])
+    t.ln_f.weight.copy_(s["ln_final.w"])
+    t.ln_f.bias.copy_(s["ln_final.b"])
+
+
+def _fill_llama(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
+    m = hf.model
+    m.embed_tokens.weight.copy_(s["embed.W_E"])
+    for layer, block in enumerate(m.layers):
+        p = f"blocks.{layer}."
+        block.input_layernorm.weight.copy_(s[p + "ln1.w"])
+        block.post_attention_layernorm.weight.fill_(1.0)  # reads into the zero MLP
+        attn = block.self_attn  # Linear: x @ weight.T + bias
+        for mat, proj in zip("QKV", (attn.q_proj, attn.k_proj, attn.v_proj), strict=True):
+            proj.weight.copy_(_heads_in(s[p + f"attn.W_{mat}"]).T)
+            proj.bias.copy_(s[p + f"attn.b_{mat}"].reshape(-1))
+        attn.o_proj.weight.copy_(
+            einops.rearrange(s[p + "attn.W_O"], "head d_head d_model -> d_model (head d_head)")
+        )
+        attn.o_proj.bias.copy_(s[p + "attn.b_O"])
+    m.norm.weight.copy_(s["ln_final.w"])
