@@ -183,7 +183,17 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from qk_lens.toy import hooked_transformer_available
     from qk_lens.toy.recipes import RECIPES
+
+    if not hooked_transformer_available():
+        print(
+            "qk-lens train: training the toy models needs HookedTransformer and SAELens's trainer "
+            "(TransformerLens 3.x with SAELens: pip install 'qk_lens[saelens]'); the models it "
+            "trains then load as bridges on TransformerLens 4 too",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     from qk_lens.toy.train import MODELS_DIR, STAGES, build
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -8,20 +8,28 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE
 
 from qk_lens import toy
 from qk_lens.atlas.probes import pattern_scores, strongest
 from qk_lens.demo import choose_pair, parse_token_label, run_story
+from qk_lens.sae_files import load_saved_sae
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
 
 WORD_IDS = torch.arange(len(SPECIALS), len(SPECIALS) + len(WORDS))
 
 
-@pytest.fixture(scope="module", params=toy.NAMES)
+# Each bundled model as a HookedTransformer (TransformerLens 3 with SAELens) and as a
+# TransformerBridge (both stacks).
+HOOKED = toy.hooked_transformer_available()
+KINDS = ["hooked", "bridge"] if HOOKED else ["bridge"]
+needs_hooked = pytest.mark.skipif(not HOOKED, reason="needs HookedTransformer and SAELens")
+
+
+@pytest.fixture(scope="module", params=[(n, k) for n in toy.NAMES for k in KINDS], ids="-".join)
 def model(request):
-    return toy.load(request.param)
+    name, kind = request.param
+    return toy.load(name, bridge=kind == "bridge")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +117,7 @@ def test_labels_and_saes_ship(model):
     info = model.toy
     for layer in range(model.cfg.n_layers):
         hook = f"blocks.{layer}.hook_resid_pre"
-        sae = SAE.load_from_disk(str(info.directory / "saes" / hook))
+        sae = load_saved_sae(info.directory / "saes" / hook)
         assert sae.cfg.metadata.hook_name == hook
         d = model.qk_dictionaries[layer]
         assert torch.equal(d.sae.W_dec, sae.W_dec)
@@ -175,6 +183,7 @@ def test_unknown_model_name():
 
 
 # --------------------------------------------------------------------------- training scripts
+@needs_hooked
 def test_training_script_runs_a_few_steps(tmp_path):
     from qk_lens.cli import main
 
@@ -203,6 +212,7 @@ def test_training_script_runs_a_few_steps(tmp_path):
     attr.check()
 
 
+@needs_hooked
 def test_unknown_training_stage(tmp_path, capsys):
     from qk_lens.cli import main
     from qk_lens.toy.recipes import RECIPES
@@ -215,6 +225,7 @@ def test_unknown_training_stage(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
+@needs_hooked
 def test_training_script_all_models_side_by_side(tmp_path):
     """`--model all` trains every bundled model, each in its own process."""
     from qk_lens.cli import main
@@ -227,6 +238,7 @@ def test_training_script_all_models_side_by_side(tmp_path):
         assert sorted(model.qk_dictionaries) == [0, 1]
 
 
+@needs_hooked
 @pytest.mark.parametrize("name", toy.NAMES)
 def test_training_forward_is_the_model_forward(name):
     """The fused forward used for training computes exactly what HookedTransformer does."""
@@ -267,6 +279,7 @@ def test_repeat_data_is_unambiguous():
         RepeatSpec(segment=(1, 5))
 
 
+@needs_hooked
 def test_training_is_reproducible():
     """Fixed seeds: the same recipe gives the same weights (init, data order, updates)."""
     from qk_lens.toy.recipes import RECIPES
@@ -277,3 +290,42 @@ def test_training_is_reproducible():
     assert losses_a == losses_b
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", toy.NAMES)
+def test_the_bridge_is_the_hooked_model(name):
+    """arch/convert.py's GPT-2 / Llama rebuild computes what the HookedTransformer computes."""
+    hooked = toy.load(name, bridge=False, dtype=torch.float64)
+    bridge = toy.load(name, bridge=True, dtype=torch.float64)
+    assert type(bridge).__name__ == "QKTransformerBridge"
+    toks = hooked.to_tokens("eel lark mole boar eel lark mole boar")
+    assert torch.equal(bridge.to_tokens("eel lark mole boar eel lark mole boar"), toks)
+    with torch.no_grad():
+        _, ch = hooked.run_with_cache(toks)
+        _, cb = bridge.run_with_cache(toks)
+    # Rotary tables are float32 on both sides (TransformerLens's buffers, Hugging Face's
+    # computation), computed differently: equal to float32's rounding, not float64's.
+    tol = {"rtol": 0, "atol": 1e-9} if name == "attn2-ln" else {"rtol": 1e-6, "atol": 1e-6}
+    for hook in (
+        "blocks.1.hook_resid_pre",
+        "blocks.1.attn.hook_attn_scores",
+        "ln_final.hook_normalized",
+    ):
+        a, b = ch[hook], cb[hook]
+        mask = torch.isfinite(a) & (a > -1e30)
+        torch.testing.assert_close(b[mask], a[mask], **tol)
+    h = hooked.qk_attribution(toks[0], 1, 0, 8, 4)
+    b = bridge.qk_attribution(toks[0], 1, 0, 8, 4)
+    cols = ["kind", "feature", "position"]
+    for side in ("query_parts", "key_parts"):
+        assert getattr(h, side)[cols].equals(getattr(b, side)[cols]), side
+    torch.testing.assert_close(b.terms, h.terms, **tol)
+
+
+@pytest.mark.skipif(HOOKED, reason="TransformerLens 4 only")
+def test_training_needs_stack_a(capsys):
+    from qk_lens.cli import main
+
+    assert main(["train", "--model", "attn2-ln", "--steps", "1"]) == 2
+    assert "TransformerLens 3.x with SAELens" in capsys.readouterr().err

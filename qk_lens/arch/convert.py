@@ -74,13 +74,38 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
     hf = getattr(transformers, name)(hf_cfg).to(dtype).eval()
     # HookedTransformer's unembedding has a bias; neither family's lm_head does.
     hf.lm_head = nn.Linear(d_model, cfg["d_vocab"], bias=True, dtype=dtype)
+    read = _Reads(state)
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()  # the MLPs stay zero: an attention-only model's MLP adds nothing
-        (_fill_gpt2 if name == "GPT2LMHeadModel" else _fill_llama)(hf, state, n_layers)
-        hf.lm_head.weight.copy_(state["unembed.W_U"].T)
-        hf.lm_head.bias.copy_(state["unembed.b_U"])
+        try:
+            (_fill_gpt2 if name == "GPT2LMHeadModel" else _fill_llama)(hf, read, n_layers)
+            hf.lm_head.weight.copy_(read["unembed.W_U"].T)
+            hf.lm_head.bias.copy_(read["unembed.b_U"])
+        except RuntimeError as e:  # a shape that disagrees with the config
+            raise ValueError(f"the weights do not match the config: {e}") from None
+    # Buffers HookedTransformer recomputes (masks, rotary tables) carry no weights.
+    unused = sorted(k for k in set(state) - read.seen if not k.endswith(_BUFFERS))
+    if unused:
+        raise ValueError(f"the weights do not match the config: unexpected {unused[:5]}")
     return hf, hf_cfg, name
+
+
+_BUFFERS = (".IGNORE", ".mask", ".rotary_sin", ".rotary_cos")
+
+
+class _Reads(dict):
+    """The state dict, remembering which entries were read (the rest must be buffers)."""
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        super().__init__(state)
+        self.seen: set[str] = set()
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self:
+            raise ValueError(f"the weights do not match the config: {key!r} is missing")
+        self.seen.add(key)
+        return super().__getitem__(key)
 
 
 def _heads_in(w: Tensor) -> Tensor:

@@ -186,10 +186,10 @@ def _as_bridge(
 
     try:
         hf, hf_config, architecture = hooked_to_hf(hooked_config, state)
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         raise ValueError(
-            f"weight file {directory / WEIGHTS_FILE} lacks {e} for the model in {CONFIG_FILE}; "
-            f"{_retrain_hint(directory.name)}"
+            f"weight file {directory / WEIGHTS_FILE} does not match the model in {CONFIG_FILE} "
+            f"({e}); {_retrain_hint(directory.name)}"
         ) from None
     hf.to(device)
     bridge = sources.build_bridge_from_module(
