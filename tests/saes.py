@@ -113,17 +113,18 @@ _ATTACHED: dict = {}
 
 
 def attached_with_sae(name: str, dtype=None, n_tok: int = 14):
-    """(attached model, tokens [n_tok], layer): a random test model (tests/archs.py) with a
-    randomized TopK SAE on its last layer's resid_pre; one per (variant, dtype, n_tok)."""
+    """(attached model, tokens [n_tok], layer): a random test model (a HookedTransformer variant
+    of tests/archs.py, or a bridge of tests/bridges.py) with a randomized TopK SAE on its last
+    layer's resid_pre; one per (name, dtype, n_tok)."""
     import torch
 
     import qk_lens
-    from tests.archs import make_model, make_tokens
+    from tests.models import make_any, make_tokens
 
     dtype = torch.float64 if dtype is None else dtype
     key = (name, dtype, n_tok)
     if key not in _ATTACHED:
-        model = qk_lens.attach(make_model(name, dtype))
+        model = qk_lens.attach(make_any(name, dtype))
         layer = model.cfg.n_layers - 1
         sae = make_sae(
             "topk",
