@@ -16,7 +16,6 @@ HOOKED_ONLY = [
     "test_contrast.py",
     "test_graph.py",
     "test_labels.py",
-    "test_layout.py",
     "test_pretrained.py",
     "test_steering.py",
     "test_table.py",

@@ -13,52 +13,70 @@ import torch
 import qk_lens
 from qk_lens.arch import arch_of
 from qk_lens.display import render
-from tests.archs import ARCH_NAMES, make_model, make_tokens
+from tests.bridges import BRIDGE_CONFIGS, BRIDGE_NAMES
+from tests.models import HOOKED, hooked_names, make_any, make_tokens, needs_hooked
 from tests.saes import attached_with_sae
+
+ARCH_NAMES = hooked_names()
+
+
+def available(*names: str) -> list[str]:
+    """The names this stack can build (HookedTransformer variants only on stack (a))."""
+    return [n for n in names if n in BRIDGE_CONFIGS or HOOKED]
+
 
 torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------- the adapter
 def test_unknown_model_class_names_the_supported_ones():
-    with pytest.raises(TypeError, match=r"no architecture adapter for Linear.*HookedTransformer"):
+    with pytest.raises(TypeError, match=r"no architecture adapter for Linear.*TransformerBridge"):
         arch_of(torch.nn.Linear(2, 2))
 
 
-def test_layer_description_built_once_and_rebuilt_after_an_edit():
-    model = make_model("llama")
+@pytest.mark.parametrize("name", available("llama", "LlamaForCausalLM"))
+def test_layer_description_built_once_and_rebuilt_after_an_edit(name):
+    model = make_any(name)
     arch = arch_of(model)
     assert arch_of(model) is arch  # one per model
     first = arch.layer(1)
     assert arch.layer(1) is first  # one per layer, reused
-    before = float(first.W_Q[0, 0, 0])
-    with torch.no_grad():
-        model.blocks[1].attn.W_Q[0, 0, 0] += 1.0  # in place: the version counter moves
+    before = first.W_Q.clone()
+    with torch.no_grad():  # in place: the version counter moves
+        if name == "llama":
+            model.blocks[1].attn.W_Q[0, 0, 0] += 1.0
+        else:  # the Hugging Face weight the bridge wraps: q_proj.weight[out, in]
+            q_proj = model.blocks[1].attn.original_component.q_proj
+            getattr(q_proj, "original_component", q_proj).weight[0, 0] += 1.0
     second = arch.layer(1)
     assert second is not first
-    assert float(second.W_Q[0, 0, 0]) == pytest.approx(before + 1.0)
+    changed = (second.W_Q - before).abs() > 0.5
+    assert changed.sum() == 1 and float((second.W_Q - before)[changed]) == pytest.approx(1.0)
 
 
+@needs_hooked  # bridges: tests/test_bridge.py::test_capture_logits_are_the_bridge_logits
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "gemma2_2b_shape", "attn_only"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_capture_logits_are_the_forward_logits(name, dtype):
     """The capture keeps the unembedding's input; its logits are the forward's, bit for bit
     (Gemma-2's output softcap included)."""
-    model = qk_lens.attach(make_model(name, dtype))
+    model = qk_lens.attach(make_any(name, dtype))
     tokens = make_tokens(model, 12)
     want = model(tokens, return_type="logits")[0]
     got = model.qk_capture(tokens[0]).logits()
     assert torch.equal(got, want)
 
 
-def test_steering_runs_one_forward_after_the_capture():
+@pytest.mark.parametrize("name", available("gemma3", "Gemma3ForCausalLM"))
+def test_steering_runs_one_forward_after_the_capture(name):
     """The clean side comes from the capture: steer_qk and steer_resid run one forward each."""
-    model, tokens, layer = attached_with_sae("gemma3")
+    model, tokens, layer = attached_with_sae(name)
     a = model.qk_attribution(tokens, layer, 1, 9, 9)  # captures the prompt
     f = int(a.key_parts[a.key_parts.kind == "feature"].feature.iloc[0])
     calls = []
     with model.hooks(fwd_hooks=[("hook_embed", lambda t, hook: calls.append(t.shape[0]))]):
-        model.steer_qk(tokens, layer, 1, "key", {f: 0.0}, positions=[9]).check()
+        side = "query" if name in BRIDGE_CONFIGS else "key"  # GQA key: refused on bridges
+        model.steer_qk(tokens, layer, 1, side, {f: 0.0}, positions=[9]).check()
         assert calls == [1]
         model.steer_resid(tokens, layer, [f], positions=[9]).check()
         assert calls == [1, 2]  # one batched forward: frozen-norm and live rows
@@ -89,8 +107,9 @@ def test_moved_modules_import_with_a_deprecation_warning(old, new):
     assert module is importlib.import_module(new)
 
 
-def test_renamed_keywords_warn_and_agree():
-    model, tokens, layer = attached_with_sae("gpt2")
+@pytest.mark.parametrize("name", available("gpt2", "GPT2LMHeadModel"))
+def test_renamed_keywords_warn_and_agree(name):
+    model, tokens, layer = attached_with_sae(name)
     a = model.qk_attribution(tokens, layer, 0, 9, 4)
     with pytest.warns(DeprecationWarning, match=r"top\(k=\.\.\.\) is deprecated; use top_k="):
         old = a.top(k=3)
@@ -116,10 +135,24 @@ def test_every_public_class_and_function_imports_from_the_top():
         assert getattr(qk_lens, name) is not None
 
 
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_architecture_flags_known_for_every_bridge(name):
+    """What the bridge adapter says matches the Hugging Face config the bridge was built from."""
+    model = make_any(name)
+    hf = model.original_model.config
+    la = arch_of(model).layer(0)
+    assert (la.rotary is not None) == (name != "GPT2LMHeadModel")
+    assert (la.qk_norm is not None) == (name in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"))
+    assert (la.softcap is not None) == bool(getattr(hf, "attn_logit_softcapping", None))
+    assert la.n_kv == (getattr(hf, "num_key_value_heads", None) or model.cfg.n_heads)
+    assert (la.attn_out is not None) == name.startswith("Gemma")
+    assert la.mlp_mode is not None
+
+
 @pytest.mark.parametrize("name", ARCH_NAMES)
 def test_architecture_flags_known_for_every_variant(name):
     """Every test variant gets a description: what its adapter says matches its config."""
-    model = make_model(name)
+    model = make_any(name)
     arch = arch_of(model)
     cfg = model.cfg
     la = arch.layer(0)
@@ -143,8 +176,11 @@ def test_module_entry_points():
             text=True,
             timeout=300,
         )
-    assert out.returncode == 0 and "--model" in out.stdout
-    assert "deprecated; use `qk-lens train`" in out.stderr
+    if HOOKED:
+        assert out.returncode == 0 and "--model" in out.stdout
+        assert "deprecated; use `qk-lens train`" in out.stderr
+    else:  # stack (b): training needs HookedTransformer and SAELens
+        assert out.returncode != 0 and "TransformerLens 3.x with SAELens" in out.stderr
 
 
 # --------------------------------------------------------------------------- the rules of the layout

@@ -21,11 +21,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
-from sae_lens import SAE
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+try:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError as e:  # TransformerLens 4: no HookedTransformer, no SAELens beside it
+    raise ImportError(
+        "training the toy models needs HookedTransformer and SAELens's trainer (TransformerLens "
+        "3.x with SAELens: pip install 'qk_lens[saelens]'); the models it trains then load as "
+        f"bridges on TransformerLens 4 too ({e})"
+    ) from e
 
 from qk_lens.arch import arch_of
 from qk_lens.labels import LabelSet
