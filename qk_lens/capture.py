@@ -126,17 +126,21 @@ def recorder(
 ) -> tuple[dict[str, Tensor], list[tuple[Callable[[str], bool], Callable]]]:
     """(acts, fwd_hooks): hooks that record each named activation into ``acts`` under the name
     asked for (a bridge's hook point answers to an alias and a canonical name)."""
+    arch = arch_of(model)
+    points = arch.points()
     wanted = set(names)
     names_of: dict[int, list[str]] = {}
     for name in wanted:
-        names_of.setdefault(id(model.hook_dict[name]), []).append(name)
+        names_of.setdefault(id(points[name]), []).append(name)
+    # the names a forward registers hooks by (an alias may not be one of them)
+    run_names = wanted | {arch.run_name(name) for name in wanted}
     acts: dict[str, Tensor] = {}
 
     def save(tensor: Tensor, hook: Any) -> None:
         for name in names_of.get(id(hook), [hook.name]):
             acts[name] = tensor.detach()
 
-    return acts, [(lambda name: name in wanted, save)]
+    return acts, [(lambda name: name in run_names, save)]
 
 
 def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:

@@ -13,7 +13,7 @@ import torch
 import qk_lens
 from qk_lens.arch import arch_of
 from qk_lens.bases import DictionaryBasis, UpstreamBasis
-from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, attached_bridge, make_bridge
+from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, HAVE_SAE_LENS, attached_bridge, make_bridge
 
 torch.set_num_threads(1)
 F64, F32 = torch.float64, torch.float32
@@ -185,3 +185,40 @@ def test_contrasts_and_inhibitors_on_bridges(name):
     assert float(c.terms.sum()) == pytest.approx(raw[0] - raw[1], abs=1e-9)
     c.check()
     assert len(row.inhibitors(top_k=3)) <= 3
+
+
+@pytest.mark.skipif(not HAVE_SAE_LENS, reason="SAELens's bridge class needs SAELens")
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "Gemma3ForCausalLM"])
+def test_sae_lens_bridge_class(name):
+    """SAELens's SAETransformerBridge (hook_dict without the aliases; SAEs spliced in with
+    add_sae) attaches like any bridge: exact against its hooks, with and without a spliced SAE,
+    and steering runs on it."""
+    from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
+
+    bridge = make_bridge(name)
+    bridge.__class__ = SAETransformerBridge  # what SAETransformerBridge.boot_transformers does
+    bridge._acts_to_saes, bridge._transcoder_output_hooks = {}, {}
+    model = qk_lens.attach(bridge)
+    assert isinstance(model, SAETransformerBridge)
+    model.add_dictionary(make_sae("topk", hook="blocks.1.hook_resid_pre", d_in=64, d_sae=256))
+    tokens = torch.randint(0, 100, (10,), generator=torch.Generator().manual_seed(5))
+
+    def worst() -> float:
+        cache = hooks_of(model, tokens)
+        return max(
+            abs(
+                softcapped(model, 1, float(a.terms.sum()))
+                - model_score(model, cache, 1, 2, Q, a.k_pos)
+            )
+            for a in model.qk_attribution(tokens, 1, 2, Q)
+        )
+
+    assert worst() <= 1e-9
+    a = model.qk_attribution(tokens, 1, 2, Q, 4)
+    f = int(a.query_parts[a.query_parts.kind == "feature"].feature.iloc[0])
+    model.steer_qk(tokens, 1, 2, "query", {f: 0.0}, positions=[Q]).check()
+    before = model.qk_attribution(tokens, 1, 2, Q, 4).score
+    model.add_sae(make_sae("topk", hook="blocks.0.hook_resid_post", d_in=64, d_sae=256, seed=9))
+    model.clear_qk_cache()
+    assert abs(model.qk_attribution(tokens, 1, 2, Q, 4).score - before) > 1e-3  # the splice acts
+    assert worst() <= 1e-9

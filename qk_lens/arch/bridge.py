@@ -218,10 +218,16 @@ def bridge_arch(model: Any) -> ModelArch:
             for m, value in zip(norms, saved, strict=True):
                 m.use_native_layernorm_autograd = value
 
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def hook_points() -> dict[str, Any]:
+        # TransformerBridge's own hook_dict has the aliases; SAELens's subclass drops them
+        return TransformerBridge.hook_dict.fget(model)
+
     def capture_hooks() -> set[str]:
         # and each layer's rotary (cos, sin), which a bridge's hooks record
         return capture_hook_names(
-            model,
+            hook_points(),
             cfg.n_layers,
             extra_layer_hooks=("attn.hook_cos", "attn.hook_sin"),
             extra_model_hooks=("unembed.hook_in",),
@@ -251,6 +257,7 @@ def bridge_arch(model: Any) -> ModelArch:
         layer_key=lambda layer: _layer_key(model, layer),
         ungrouped=None,
         capture_hooks=capture_hooks,
+        hook_points=hook_points,
         exact_forward=exact_forward,
         logits=logits,
         logits_input="unembed.hook_in",

@@ -211,7 +211,7 @@ def hooked_arch(model: Any) -> ModelArch:
             cfg.ungroup_grouped_query_attention = False
 
     def capture_hooks() -> set[str]:
-        return capture_hook_names(model, cfg.n_layers, extra_model_hooks=(logits_input,))
+        return capture_hook_names(model.hook_dict, cfg.n_layers, extra_model_hooks=(logits_input,))
 
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
     soft = cfg.output_logits_soft_cap

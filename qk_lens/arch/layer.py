@@ -11,7 +11,7 @@ is the only code that reads a model's config to fill them in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,17 +52,17 @@ MODEL_CAPTURE_HOOKS = ("hook_embed", "hook_pos_embed")
 
 
 def capture_hook_names(
-    model: Any,
+    points: Mapping[str, Any],
     n_layers: int,
     extra_layer_hooks: tuple[str, ...] = (),
     extra_model_hooks: tuple[str, ...] = (),
 ) -> set[str]:
     """Full names of the hooks a capture records: those of :data:`LAYER_CAPTURE_HOOKS` /
-    :data:`MODEL_CAPTURE_HOOKS` (and an adapter's extras) that this model has."""
+    :data:`MODEL_CAPTURE_HOOKS` (and an adapter's extras) among the model's hook ``points``."""
     names = {*MODEL_CAPTURE_HOOKS, *extra_model_hooks}
     for layer in range(n_layers):
         names.update(f"blocks.{layer}.{h}" for h in (*LAYER_CAPTURE_HOOKS, *extra_layer_hooks))
-    return names & set(model.hook_dict)
+    return names & set(points)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -251,6 +251,9 @@ class ModelArch:
     model_dtype: torch.dtype
     centred_residual: bool = False  # every reader of the residual centres it (LayerNorm)
     embed_hooks: tuple[str, ...] = ("hook_embed", "hook_pos_embed")
+    # Every hook point by every name it answers to (a bridge's aliases included, which SAELens's
+    # SAETransformerBridge leaves out of its hook_dict); None: the model's hook_dict.
+    hook_points: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self._layers: dict[int, tuple[tuple, LayerArch]] = {}
@@ -266,6 +269,15 @@ class ModelArch:
     def layers(self) -> Iterator[LayerArch]:
         for layer in range(self.n_layers):
             yield self.layer(layer)
+
+    def points(self) -> dict[str, Any]:
+        """Name (alias or canonical) → hook point."""
+        return self.model.hook_dict if self.hook_points is None else self.hook_points()
+
+    def run_name(self, name: str) -> str:
+        """The name a forward's hook registration knows ``name``'s hook point by."""
+        point = self.points()[name]
+        return getattr(point, "name", None) or name
 
     @property
     def device(self) -> torch.device:
