@@ -13,11 +13,9 @@ HOOKED_ONLY = [
     "test_archs.py",
     "test_atlas.py",
     "test_attribution.py",
-    "test_contrast.py",
     "test_graph.py",
     "test_labels.py",
     "test_pretrained.py",
-    "test_steering.py",
     "test_table.py",
     "test_topk_terms.py",
 ]

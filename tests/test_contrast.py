@@ -1,7 +1,11 @@
 """Contrasts, inhibitors, components and groups: every decomposition sums exactly to its target.
 
 Targets come from the model's own numbers: ``model_raw_score`` / ``model_score`` (hooks) and the
-captured pattern, never from the decomposition itself.
+captured pattern, never from the decomposition itself; on bridges also the bridge's own
+``hook_attn_scores`` from a forward of its own.
+
+Every test runs on TransformerBridge models (both stacks) and, on stack (a), on the
+HookedTransformer variants of tests/archs.py.
 """
 
 import math
@@ -11,6 +15,7 @@ import pytest
 import torch
 
 from qk_lens import toy
+from qk_lens.arch import arch_of
 from qk_lens.atlas.probes import pattern_scores, strongest
 from qk_lens.attribution.contrast import (
     components,
@@ -23,6 +28,7 @@ from qk_lens.attribution.contrast import (
 from qk_lens.demo import parse_token_label
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
+from tests.models import is_bridge_name, needs_hooked
 from tests.saes import attached_with_sae
 
 torch.set_num_threads(1)
@@ -30,20 +36,53 @@ N_TOK = 14
 Q = 12
 
 
+def hooked(*cases):
+    """HookedTransformer variants: stack (a) only."""
+    return [pytest.param(*c, marks=needs_hooked) for c in cases]
+
+
 def attached(name: str, dtype: torch.dtype = torch.float64):
     return attached_with_sae(name, dtype, N_TOK)
+
+
+def softcap_of(model) -> float | None:
+    """The attention softcap from the model's config (None without one)."""
+    cap = model.cfg.attn_scores_soft_cap
+    return float(cap) if cap and cap > 0 else None
+
+
+def bridge_scores(name, model, tokens, layer, head):
+    """A bridge's own ``hook_attn_scores`` row at ``Q`` (after softcap), from its own forward;
+    None for a HookedTransformer (whose hooks ``model_raw_score`` already reads)."""
+    if not is_bridge_name(name):
+        return None
+    with torch.no_grad(), arch_of(model).exact_forward():
+        _, cache = model.run_with_cache(tokens[None])
+    return cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, Q].double()
+
+
+def capped(model, raw: float) -> float:
+    cap = softcap_of(model)
+    return raw if cap is None else cap * math.tanh(raw / cap)
 
 
 def tol(dtype, a):
     return 1e-12 if dtype == torch.float64 else 1e-4 * a.scale
 
 
-CASES = [
+CASES = hooked(
     ("gpt2", torch.float64, "dictionary"),
     ("llama", torch.float64, "dictionary"),
     ("gemma2", torch.float64, "upstream"),  # softcap, local window
     ("alibi", torch.float64, "dictionary"),
     ("gemma3", torch.float32, "dictionary"),
+) + [
+    ("GPT2LMHeadModel", torch.float64, "dictionary"),
+    ("GPTNeoXForCausalLM", torch.float64, "upstream"),  # parallel attention + MLP, partial rotary
+    ("LlamaForCausalLM", torch.float64, "dictionary"),  # GQA, attention biases
+    ("Gemma2ForCausalLM", torch.float64, "upstream"),  # softcap, local window, post norms
+    ("Qwen3ForCausalLM", torch.float32, "dictionary"),  # qk-norm
+    ("Gemma3ForCausalLM", torch.float32, "dictionary"),  # qk-norm, local window
 ]
 
 
@@ -55,6 +94,11 @@ def test_contrast_terms_sum_to_the_models_score_difference(name, dtype, basis):
     c = contrast_row(row, k, other=k2)
     want = row[k].model_raw_score - row[k2].model_raw_score
     assert abs(c.difference - want) <= tol(dtype, row[k])
+    own = bridge_scores(name, model, tokens, layer, 1)
+    if own is not None:  # the raw scores read are the bridge's own
+        for p in (k, k2):
+            got = capped(model, row[p].model_raw_score)
+            assert abs(got - float(own[p])) <= 1e-9 + tol(dtype, row[p]), (p, got, own[p])
     c.check()
     # groups net out: a group's difference is its marginal at k minus its marginal at k'
     kg = c.key_groups
@@ -72,28 +116,36 @@ def test_mean_contrast_and_log_prob_identity(name, dtype, basis):
     model, tokens, layer = attached(name, dtype)
     row = model.qk_attribution(tokens, layer, 2, Q, None, key_basis=basis)
     cap = model.qk_capture(tokens)
-    pattern = cap.pattern(layer)[2, Q].double()
+    pattern = cap.pattern(layer)[2, Q].double()[row.k_positions]
+    pattern = pattern / pattern.sum()
+    own = bridge_scores(name, model, tokens, layer, 2)
+    if own is None:
+        p = pattern  # the model's own pattern
+    else:
+        # Hugging Face's Llama and Gemma attention take the softmax in float32 whatever the
+        # dtype: p is the float64 softmax of the bridge's own scores; its pattern agrees to that
+        p = own[row.k_positions].softmax(0)
+        assert torch.allclose(pattern, p, atol=1e-6, rtol=0)
     k = row.k_positions[-2]
+    i = row.k_positions.index(k)
     m = contrast_row(row, k, relative_to="mean")
-    p = pattern[row.k_positions] / pattern[row.k_positions].sum()
     raw = torch.tensor([a.model_raw_score for a in row], dtype=torch.float64)
-    want = float(raw[row.k_positions.index(k)] - (p * raw).sum())
+    want = float(raw[i] - (p * raw).sum())
     loose = 1e-9 if dtype == torch.float64 else 1e-4 * max(a.scale for a in row)
     assert abs(m.difference - want) <= loose
     m.check()
-    # log p(k) = (s̃(k) − E_p[s̃]) − H(p), against the model's own pattern
-    assert abs(m.log_prob - math.log(float(pattern[k]))) < (
-        1e-9 if dtype == torch.float64 else 1e-5
-    )
-    if model.cfg.attn_scores_soft_cap is None or model.cfg.attn_scores_soft_cap <= 0:
+    # log p(k) = (s̃(k) − E_p[s̃]) − H(p), against the model's own pattern (scores)
+    assert abs(m.log_prob - math.log(float(p[i]))) < (1e-9 if dtype == torch.float64 else 1e-5)
+    if softcap_of(model) is None:
         assert abs(m.difference - m.entropy - m.log_prob) <= loose
     capped = contrast_row(row, k, relative_to="mean", capped=True)
     capped.check()
     assert abs(capped.difference - capped.entropy - capped.log_prob) <= loose
 
 
-def test_contrast_attribution_needs_a_source():
-    model, tokens, layer = attached("gpt2")
+@pytest.mark.parametrize("name", hooked(("gpt2",)) + ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_contrast_attribution_needs_a_source(name):
+    model, tokens, layer = attached(name)
     a = model.qk_attribution(tokens, layer, 0, Q, 5)
     b = model.qk_attribution(tokens, layer, 0, Q, 7)
     assert contrast_attribution(a, b).check() <= 1e-12
@@ -122,7 +174,10 @@ def test_contrast_attribution_needs_a_source():
         contrast_row(partial, 5, relative_to="max")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+@pytest.mark.parametrize(
+    "name",
+    hooked(("gpt2",), ("gemma2",)) + ["GPT2LMHeadModel", "Gemma2ForCausalLM", "Qwen3ForCausalLM"],
+)
 def test_inhibitors_are_exact_counterfactuals(name):
     model, tokens, layer = attached(name)
     row = model.qk_attribution(tokens, layer, 3, Q, None)
@@ -131,12 +186,16 @@ def test_inhibitors_are_exact_counterfactuals(name):
     assert len(inh) == 6 and (inh.term < 0).all() and (inh.k_pos != target).all()
     assert inh.delta_log_p_target.is_monotonic_increasing  # the most protective first
     final = torch.tensor([a.model_score for a in row], dtype=torch.float64)
-    cap = model.cfg.attn_scores_soft_cap
+    own = bridge_scores(name, model, tokens, layer, 3)
+    if own is not None:  # the scores read are the bridge's own
+        assert torch.allclose(final, own[row.k_positions], atol=1e-9, rtol=0)
+    assert final.isfinite().all()
+    cap = softcap_of(model)
     for r in inh.head(3).itertuples():
         j = row.k_positions.index(r.k_pos)
         raw = row[r.k_pos].score - r.term  # the competitor without that term
         new = final.clone()
-        new[j] = cap * math.tanh(raw / cap) if cap and cap > 0 else raw
+        new[j] = cap * math.tanh(raw / cap) if cap else raw
         p_new = new.softmax(0)
         i = row.k_positions.index(target)
         assert abs(float(p_new[i]) - r.target_prob_without) < 1e-12
@@ -176,8 +235,9 @@ def test_components_sum_to_the_score(name, dtype, basis):
         components(row)
 
 
-def test_groups_sum_to_the_score():
-    model, tokens, layer = attached("gpt2")
+@pytest.mark.parametrize("name", hooked(("gpt2",)) + ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_groups_sum_to_the_score(name):
+    model, tokens, layer = attached(name)
     a = model.qk_attribution(tokens, layer, 1, Q, 6)
     g = group_terms(a, "kind", "kind")
     assert abs(g.score - a.score) < 1e-12
@@ -198,9 +258,14 @@ def test_groups_sum_to_the_score():
         group_terms(a, key_by={"mine": 3})
 
 
-def test_toy_induction_contrast_names_previous_token_feature():
-    """Why the induction target and not the mean key: query 'A' × key 'previous token = A'."""
-    model = toy.load("attn2-ln")
+@pytest.mark.parametrize(
+    "bridge",
+    [pytest.param(False, marks=needs_hooked, id="hooked"), pytest.param(True, id="bridge")],
+)
+def test_toy_induction_contrast_names_previous_token_feature(bridge):
+    """Why the induction target and not the mean key: query 'A' × key 'previous token = A'
+    (the bundled toy as a HookedTransformer and as a TransformerBridge)."""
+    model = toy.load("attn2-ln", bridge=bridge)
     word_ids = torch.arange(len(SPECIALS), len(SPECIALS) + len(WORDS))
     batch = repeated_batch(1, word_ids, 0, torch.Generator().manual_seed(5), RepeatSpec(n_ctx=32))
     tokens = batch.tokens[0]
