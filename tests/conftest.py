@@ -9,12 +9,9 @@ import os
 from qk_lens.toy import hooked_transformer_available
 
 HOOKED_ONLY = [
-    "test_api.py",
     "test_archs.py",
-    "test_atlas.py",
     "test_attribution.py",
     "test_graph.py",
-    "test_labels.py",
     "test_pretrained.py",
     "test_table.py",
     "test_topk_terms.py",

@@ -1,30 +1,57 @@
-"""The public API: bad input gives clear errors, results answer questions, captures are reused."""
+"""The public API: bad input gives clear errors, results answer questions, captures are reused.
 
+Every test runs on a HookedTransformer (stack (a)) and on TransformerBridge models (both stacks);
+HookedTransformer-only features (clip_qkv, HookedQKTransformer) stay on stack (a).
+"""
+
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import qk_lens
-from tests.archs import make_model, make_tokens, reference_scores
+from qk_lens.arch import arch_of
+from tests.models import HOOKED, make_any, make_tokens, needs_hooked
 from tests.saes import make_sae
 
+torch.set_num_threads(1)
 N_TOK = 16
+# gpt2-like (learned positions), GQA + rotary, and Gemma-2 (softcap, local layers, pre/post norms)
+API_MODELS = [
+    pytest.param("gpt2", marks=needs_hooked),
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Gemma2ForCausalLM",
+]
+# Layer 0 of each is local with window 4.
+LOCAL_MODELS = [
+    pytest.param("gemma2", marks=needs_hooked),
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+]
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    model = qk_lens.attach(make_model("gpt2"))
+def hooks_of(model, tokens):
+    """The model's own activations for a 1-D prompt (a bridge's: its exact norm path)."""
+    with torch.no_grad(), arch_of(model).exact_forward():
+        _, cache = model.run_with_cache(tokens[None])
+    return cache
+
+
+@pytest.fixture(scope="module", params=API_MODELS)
+def gpt2(request):
+    """(attached model, tokens) with a JumpReLU SAE on layer 1; gpt2 or a bridge."""
+    model = qk_lens.attach(make_any(request.param))
     model.add_dictionary(make_sae("jumprelu", hook="blocks.1.hook_resid_pre", d_in=64, d_sae=200))
     tokens = make_tokens(model, N_TOK)[0]
     return model, tokens
 
 
-@pytest.fixture(scope="module")
-def gemma2():
-    model = qk_lens.attach(make_model("gemma2"))
+@pytest.fixture(scope="module", params=LOCAL_MODELS)
+def gemma2(request):
+    model = qk_lens.attach(make_any(request.param))
     return model, make_tokens(model, N_TOK)[0]
 
 
@@ -72,6 +99,9 @@ def test_key_outside_local_window(gemma2):
         model.qk_attribution(tokens, 0, 0, 10, 6, basis="upstream")
     row = model.qk_attribution(tokens, 0, 0, 10, None, basis="upstream")
     assert row.k_positions == [7, 8, 9, 10]
+    # the model's own pattern agrees: from q=10, layer 0 attends to keys 7..10 only
+    pattern = hooks_of(model, tokens)["blocks.0.attn.hook_pattern"][0, 0, 10]
+    assert torch.nonzero(pattern).flatten().tolist() == [7, 8, 9, 10]
 
 
 @pytest.mark.parametrize(
@@ -118,6 +148,9 @@ def test_dictionary_refusals(gpt2, sae_kwargs, match):
         model.add_dictionary(make_sae("standard", **kw))
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("sae_lens") is None, reason="a SAELens Transcoder (needs SAELens)"
+)
 def test_transcoder_refused(gpt2):
     from sae_lens.saes import Transcoder, TranscoderConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -134,11 +167,20 @@ def test_transcoder_refused(gpt2):
     )
     with pytest.raises(ValueError, match="transcoder"):
         model.add_dictionary(tc)
+
+
+def test_not_a_dictionary_refused(gpt2):
+    model, _ = gpt2
     with pytest.raises(TypeError, match="dict"):
         model.add_dictionary({"W_dec": 1})
 
 
+@needs_hooked
 def test_clip_qkv_refused_only_when_it_clipped():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tests.archs import make_model, reference_scores
+
     base = make_model("gpt2")
     cfg = base.cfg.to_dict()
     cfg["clip_qkv"] = 0.05
@@ -157,7 +199,12 @@ def test_clip_qkv_refused_only_when_it_clipped():
     assert abs(a.score - float(raw[0, 5, 2])) < 1e-9
 
 
+@needs_hooked
 def test_attach_and_class():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tests.archs import make_model
+
     with pytest.raises(TypeError, match="HookedTransformer"):
         qk_lens.attach(torch.nn.Linear(2, 2))
     base = make_model("attn_only")
@@ -172,26 +219,53 @@ def test_attach_and_class():
     assert direct.qk_attribution([1, 2, 3], 0, 0, 2, 1, basis="upstream").k_pos == 1
 
 
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_attach_a_bridge_and_class(name):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with pytest.raises(TypeError, match="TransformerBridge, got Linear"):
+        qk_lens.attach(torch.nn.Linear(2, 2))
+    base = make_any(name)
+    model = qk_lens.attach(base)
+    assert model is base and isinstance(model, TransformerBridge)
+    assert isinstance(model, qk_lens.QKLensMixin) and qk_lens.attach(model) is model
+    tokens = torch.tensor([1, 2, 3])
+    a = model.qk_attribution(tokens, 0, 0, 2, 1, basis="upstream")
+    want = hooks_of(model, tokens)["blocks.0.attn.hook_attn_scores"][0, 0, 2, 1]
+    assert a.k_pos == 1 and abs(float(a.terms.sum()) - float(want)) < 1e-9
+
+
+@pytest.mark.skipif(HOOKED, reason="TransformerLens 4: HookedQKTransformer is not available")
+def test_hooked_qk_transformer_says_what_to_use_instead():
+    for make in (qk_lens.HookedQKTransformer, qk_lens.HookedQKTransformer.from_pretrained):
+        with pytest.raises(ImportError, match=r"qk_lens\.attach\(TransformerBridge"):
+            make("gpt2")
+
+
 # ----------------------------------------------------------------------------- capture reuse
 def test_one_forward_per_prompt_and_invalidation(gpt2):
     model, tokens = gpt2
     calls = []
-    handle = model.blocks[0].hook_resid_pre.add_hook(lambda t, hook: calls.append(1))
+    hook_point = model.hook_dict["blocks.0.hook_resid_pre"]
+    hook_point.add_hook(lambda t, hook: calls.append(1))
+    # layer 0's first attention weight (HookedTransformer: W_Q; a bridge: its query projection)
+    weight = next(model.blocks[0].attn.parameters())
     try:
         model.clear_qk_cache()
         for q in range(3, 8):
             model.qk_attribution(tokens, 1, 0, q, 0)
-        model.qk_attribution(tokens, 1, 2, 5, None, basis="upstream")
+        before = model.qk_attribution(tokens, 1, 2, 5, None, basis="upstream")
         model.qk_attribution_table(tokens, 1, heads=[1], top_k=3)
         assert len(calls) == 1
         with torch.no_grad():
-            model.blocks[0].attn.W_Q[0, 0, 0] += 1.0  # in-place edit bumps the version counter
-        model.qk_attribution(tokens, 1, 0, 5, 0)
+            weight[(0,) * weight.ndim] += 1.0  # in-place edit bumps the version counter
+        after = model.qk_attribution(tokens, 1, 2, 5, None, basis="upstream")
         assert len(calls) == 2
+        assert not torch.equal(after.scores, before.scores)  # the edit reached the forward
     finally:
-        handle.remove() if hasattr(handle, "remove") else model.blocks[
-            0
-        ].hook_resid_pre.remove_hooks()
+        hook_point.remove_hooks()
+        with torch.no_grad():
+            weight[(0,) * weight.ndim] -= 1.0
         model.clear_qk_cache()
 
 
@@ -266,6 +340,8 @@ def test_row_collection(gpt2):
     row = model.qk_attribution(tokens, 1, 1, 6, None)
     assert row.k_positions == list(range(7))
     assert torch.allclose(row.probs, row.pattern[:7].to(torch.float64))
+    own = hooks_of(model, tokens)["blocks.1.attn.hook_pattern"][0, 1, 6]
+    assert torch.allclose(row.probs, own[:7].double(), rtol=0, atol=1e-12)
     assert float(row.pattern.sum()) == pytest.approx(1.0)
     assert row[6 - N_TOK].k_pos == 6 and row[3].k_pos == 3  # negative = from the prompt's end
     stacked, mask = row.stacked_terms()

@@ -1,4 +1,8 @@
-"""Feature labels: automatic labels from probe data, label files, and the Dictionary wiring."""
+"""Feature labels: automatic labels from probe data, label files, and the Dictionary wiring.
+
+Labels on synthetic data and label files need no model and run on both stacks; the Dictionary
+wiring runs on a HookedTransformer (stack (a)) and on TransformerBridge models (both stacks).
+"""
 
 import json
 import re
@@ -17,8 +21,10 @@ from qk_lens.labels import (
     label_features,
     load_labels,
 )
-from tests.archs import make_model
+from tests.models import BRIDGE_CORE, make_any, needs_hooked
 from tests.saes import make_sae
+
+torch.set_num_threads(1)
 
 VOCAB = 10
 NAMES = [f"t{i}" for i in range(VOCAB)]
@@ -462,10 +468,13 @@ def test_load_labels_checks_range():
 D_SAE = 40
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = make_model("gpt2", torch.float32)
-    return qk_lens.attach(m)
+# A HookedTransformer (stack (a)) and the bridges covering each wiring difference.
+DICTIONARY_MODELS = [pytest.param("gpt2", marks=needs_hooked), *BRIDGE_CORE]
+
+
+@pytest.fixture(scope="module", params=DICTIONARY_MODELS)
+def model(request):
+    return qk_lens.attach(make_any(request.param, torch.float32))
 
 
 @pytest.fixture
@@ -518,7 +527,8 @@ def test_label_dictionary(model, sae, monkeypatch):
     d.set_labels(ls)
     assert d.labels == ls.to_dict()
 
-    # Same as labelling by hand: one full forward, the SAE's encode, hand-built prev/positions.
+    # Same as labelling by hand: one full forward of the model as it runs by default (a bridge:
+    # Hugging Face's norms), the SAE's encode, hand-built prev/positions.
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
         acts = sae.encode(cache["blocks.1.hook_resid_pre"].reshape(-1, 64))
@@ -532,6 +542,7 @@ def test_label_dictionary(model, sae, monkeypatch):
     assert seen["tokens"].tolist() == flat and seen["names"] == names
     assert seen["prev"].tolist() == prev and seen["pos"].tolist() == pos
     torch.testing.assert_close(seen["acts"], acts, rtol=1e-5, atol=1e-5)
+    assert (acts > 0).any() and torch.isfinite(acts).all()  # something to label, no NaN
     want = label_features(acts, torch.tensor(flat), torch.tensor(prev), torch.tensor(pos), names)
     for got, exp in zip(ls.labels, want.labels, strict=True):
         assert (got.label, got.kind, got.value, got.n_active) == (

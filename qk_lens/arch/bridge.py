@@ -236,6 +236,17 @@ def bridge_arch(model: Any) -> ModelArch:
     positional = cfg.positional_embedding_type
     if positional not in ("standard", "rotary"):
         positional = "none"
+    # Every reader of the residual a LayerNorm: writes count only up to their mean.
+    readers = [model.ln_final, *(b.ln1 for b in model.blocks), *(b.ln2 for b in model.blocks)]
+    centred = all(isinstance(m.original_component, torch.nn.LayerNorm) for m in readers)
+    embedding = model.embed.original_component
+
+    def embed_weight() -> torch.Tensor:
+        # Gemma's embedding multiplies its rows by embed_scale (√d_model) in its forward
+        w = embedding.weight.detach()
+        scale = getattr(embedding, "embed_scale", None)
+        return w if scale is None else w * torch.as_tensor(scale).to(w.dtype)
+
     return ModelArch(
         model=model,
         name=name,
@@ -262,5 +273,6 @@ def bridge_arch(model: Any) -> ModelArch:
         logits=logits,
         logits_input="unembed.hook_in",
         model_dtype=cfg.dtype,
-        centred_residual=False,
+        centred_residual=centred,
+        embed_weight=embed_weight,
     )

@@ -254,6 +254,9 @@ class ModelArch:
     # Every hook point by every name it answers to (a bridge's aliases included, which SAELens's
     # SAETransformerBridge leaves out of its hook_dict); None: the model's hook_dict.
     hook_points: Callable[[], dict[str, Any]] | None = None
+    # The token embedding as the forward applies it (a scale inside the embedding module
+    # included); None: the model's W_E.
+    embed_weight: Callable[[], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self._layers: dict[int, tuple[tuple, LayerArch]] = {}
@@ -292,7 +295,7 @@ class ModelArch:
 
     @property
     def W_E(self) -> Float[Tensor, "vocab d_model"]:
-        return self.model.W_E.detach()
+        return self.model.W_E.detach() if self.embed_weight is None else self.embed_weight()
 
     @property
     def W_U(self) -> Float[Tensor, "d_model vocab"]:
