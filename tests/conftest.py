@@ -10,11 +10,7 @@ from qk_lens.toy import hooked_transformer_available
 
 HOOKED_ONLY = [
     "test_archs.py",
-    "test_attribution.py",
-    "test_graph.py",
     "test_pretrained.py",
-    "test_table.py",
-    "test_topk_terms.py",
 ]
 STACK = (
     "a (TransformerLens 3 + SAELens)" if hooked_transformer_available() else "b (TransformerLens 4)"

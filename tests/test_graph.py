@@ -5,6 +5,12 @@ the real TransformerLens blocks (patterns and norm scales frozen by hooks), per-
 against autograd with one head's value input split off, readouts against the SAE's own
 ``hook_sae_acts_pre`` and the model's own logits, influence against circuit-tracer's dense
 power series.
+
+Each test runs on HookedTransformer test models (``tests/archs.py``, stack (a) only) and on
+TransformerBridge models (``tests/bridges.py``, both stacks). A bridge's reference hooks come
+from a forward as qk_lens runs it (``exact_forward``); its autograd references run the whole
+bridge with hooks. The attention-only checks (an exact graph: no MLP remainder) use the bundled
+toy model rebuilt as a bridge, whose MLPs output exactly zero.
 """
 
 from __future__ import annotations
@@ -18,26 +24,62 @@ import pytest
 import torch
 
 import qk_lens
+from qk_lens.arch import arch_of
 from qk_lens.graph import Graph, attribution_graph, head_loadings
-from tests.archs import make_model, make_tokens
+from tests.bridges import BRIDGE_NAMES, make_bridge
+from tests.models import BRIDGE_CORE, is_bridge_name, make_any, make_tokens, needs_hooked
 from tests.saes import make_sae
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 
 F64, F32 = torch.float64, torch.float32
 INVARIANT_ARCHS = ["gpt2", "llama", "neox", "gemma2", "attn_only"]
+# The bundled toy model (2 attention layers, LayerNorm) as a TransformerBridge (a GPT-2 rebuild
+# whose MLPs output exactly zero): the attention-only bridge.
+TOY_BRIDGE = "toy-attn2-ln-bridge"
+PARALLEL = ("neox", "GPTNeoXForCausalLM")  # the MLP reads resid_pre: no head → MLP path
+
+
+def hooked(*names: str) -> list:
+    """HookedTransformer variants of tests/archs.py, skipped where TransformerLens has none."""
+    return [pytest.param(n, marks=needs_hooked) for n in names]
+
+
+ATTN_ONLY = [*hooked("attn_only"), TOY_BRIDGE]
+
+
+def is_bridge(name: str) -> bool:
+    return name == TOY_BRIDGE or is_bridge_name(name)
+
+
+def is_bridge_model(model) -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # TransformerLens 3 before bridges
+        return False
+    return isinstance(model, TransformerBridge)
+
+
+def make(name: str, dtype: torch.dtype = F64, seed: int = 0):
+    """A model: a HookedTransformer variant, a bridge of a Hugging Face class, or the toy bridge."""
+    if name == TOY_BRIDGE:
+        from qk_lens import toy
+
+        return toy.load("attn2-ln", dictionaries=False, dtype=dtype, bridge=True)
+    return make_any(name, dtype, seed=seed)
 
 
 def with_dicts(
-    name: str,
+    name,
     dtype: torch.dtype = F64,
     arch: str = "topk",
     layers: list[int] | None = None,
     seed: int = 0,
     **sae_kwargs,
 ):
-    m = qk_lens.attach(make_model(name, dtype, seed=seed))
+    """``name`` (or a model) attached, with a random SAE on the residual stream of each layer."""
+    m = qk_lens.attach(make(name, dtype, seed=seed) if isinstance(name, str) else name)
     dt = "float64" if dtype == F64 else "float32"
     for layer in range(m.cfg.n_layers) if layers is None else layers:
         sae = make_sae(
@@ -48,6 +90,13 @@ def with_dicts(
     return m
 
 
+def run_cache(m, tokens: torch.Tensor):
+    """(logits, cache) of the model's own forward, as qk_lens runs it (a bridge: its exact norm
+    path; a HookedTransformer: its plain forward)."""
+    with torch.no_grad(), arch_of(m).exact_forward():
+        return m.run_with_cache(tokens[None])
+
+
 def incoming_sums(g: Graph) -> np.ndarray:
     sums = np.zeros(g.n_nodes)
     np.add.at(sums, g.edge_target.numpy(), g.edge_weight.double().numpy())
@@ -55,9 +104,24 @@ def incoming_sums(g: Graph) -> np.ndarray:
 
 
 def sae_pre(sae, x: torch.Tensor) -> torch.Tensor:
-    """The SAE's own pre-activations (as its encode computes them) for rows x."""
-    _, cache = sae.run_with_cache(x.to(sae.dtype))
-    pre = cache["hook_sae_acts_pre"]
+    """The SAE's own pre-activations (as its encode computes them) for rows x: SAELens's
+    ``hook_sae_acts_pre``, or (qk_lens's reader, stack (b)) SAELens's formulas written out."""
+    if hasattr(sae, "run_with_cache"):
+        _, cache = sae.run_with_cache(x.to(sae.dtype))
+        pre = cache["hook_sae_acts_pre"]
+    else:
+        cfg, x = sae.cfg, x.to(sae.dtype)
+        if cfg.normalize_activations == "constant_norm_rescale":
+            x = x * cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
+        elif cfg.normalize_activations == "layer_norm":
+            x = x - x.mean(-1, keepdim=True)
+            x = x / (x.std(-1, keepdim=True) + 1e-5)
+        if cfg.apply_b_dec_to_input:
+            x = x - sae.b_dec
+        if cfg.architecture() == "gated":  # the magnitude path
+            pre = x @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
+        else:
+            pre = x @ sae.W_enc + sae.b_enc
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec.norm(dim=-1)
     return pre
@@ -65,10 +129,11 @@ def sae_pre(sae, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ invariant
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name", INVARIANT_ARCHS)
+@pytest.mark.parametrize("name", [*hooked(*INVARIANT_ARCHS), *BRIDGE_CORE, TOY_BRIDGE])
 def test_loadings_sum_to_edges(name, dtype):
     m = with_dicts(name, dtype)
     g = attribution_graph(m, make_tokens(m, 16)[0], prune_graph=False)
+    assert g.n_edges > 100 and bool(torch.isfinite(g.edge_weight).all())
     tol = 1e-12 if dtype == F64 else 1e-5
     hl = {tm: head_loadings(m, g, through_mlp=tm) for tm in (True, False)}
     for loadings in hl.values():
@@ -81,12 +146,12 @@ def test_loadings_sum_to_edges(name, dtype):
     torch.testing.assert_close(a.residual, b.residual)
     # The two modes move the head → MLP path between `heads` and `mlp`, nothing else.
     torch.testing.assert_close(a.mlp + a.heads.sum(1), b.mlp + b.heads.sum(1))
-    if name == "attn_only":
+    if name in ("attn_only", TOY_BRIDGE):
         assert float(a.mlp.abs().max()) == 0.0
         torch.testing.assert_close(a.heads, b.heads)
-    if name == "neox":  # parallel block: no head → MLP path
+    elif name in PARALLEL:  # parallel block: no head → MLP path
         torch.testing.assert_close(a.heads, b.heads)
-    if name == "gpt2":
+    elif name == "gpt2" or is_bridge(name):  # a sequential MLP after the heads
         assert not torch.allclose(a.heads, b.heads)
 
 
@@ -108,6 +173,52 @@ def _frozen_block_grad(m, cache, layer: int, readout):
     return grad[0]
 
 
+def _frozen_bridge_grads(m, cache, tokens, layer: int, readouts, heads=None, mlp=None):
+    """A bridge's d readout / d resid_pre of block ``layer``, one batch row per readout: the whole
+    bridge runs on copies of the prompt with its block-``layer`` input swapped for a leaf and every
+    pattern and norm scale replaced by the cached value. A readout reads its row of the next
+    block's resid_pre, or after the last block of the logits before any output softcap
+    (``unembed.hook_out``). Per row, ``heads``: only these heads' outputs (``attn.hook_z``) carry
+    gradient (None: all); ``mlp``: whether the MLP output carries gradient. [row, pos, d_model]"""
+    B = len(readouts)
+    heads = [None] * B if heads is None else heads
+    mlp = [True] * B if mlp is None else mlp
+    resid = cache[f"blocks.{layer}.hook_resid_pre"].detach()
+    x = resid.expand(B, *resid.shape[1:]).clone().requires_grad_(True)
+    hooks = [
+        (n, lambda t, hook, v=cache[n]: v.detach().expand(B, *v.shape[1:]))
+        for n in cache.cache_dict
+        if n.endswith(".hook_scale") or n.endswith("attn.hook_pattern")
+    ]
+    hooks.append((f"blocks.{layer}.hook_resid_pre", lambda t, hook: x))
+    keep = torch.ones(B, m.cfg.n_heads, dtype=torch.bool)
+    for row, hs in enumerate(heads):
+        if hs is not None:
+            keep[row] = False
+            keep[row, hs] = True
+    keep_mlp = torch.tensor(mlp)
+
+    def only_kept_heads(z, hook):  # z: [batch, pos, head, d_head]
+        return torch.where(keep[:, None, :, None], z, z.detach())
+
+    def only_kept_mlp(out, hook):
+        return torch.where(keep_mlp[:, None, None], out, out.detach())
+
+    hooks.append((f"blocks.{layer}.attn.hook_z", only_kept_heads))
+    hooks.append((f"blocks.{layer}.hook_mlp_out", only_kept_mlp))
+    last = layer == m.cfg.n_layers - 1
+    seen = {}
+    hooks.append(
+        ("unembed.hook_out" if last else f"blocks.{layer + 1}.hook_resid_pre",
+         lambda t, hook: seen.setdefault("y", t))
+    )  # fmt: skip
+    with m.hooks(fwd_hooks=hooks), arch_of(m).exact_forward():
+        m(tokens[None].expand(B, -1))
+    total = sum(readout(seen["y"][row]) for row, readout in enumerate(readouts))
+    (grad,) = torch.autograd.grad(total, x)
+    return grad
+
+
 def _source_vectors(m, cache, layer: int) -> dict[str, torch.Tensor]:
     """Node id -> source vector, straight from the SAE (features c·W_dec, bias, error)."""
     sae = m.qk_dictionaries[layer].sae
@@ -123,19 +234,21 @@ def _source_vectors(m, cache, layer: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "neox", "gemma2"])
+@pytest.mark.parametrize("name", [*hooked("gpt2", "llama", "neox", "gemma2"), *BRIDGE_NAMES])
 def test_edges_match_autograd_through_the_real_blocks(name):
     m = with_dicts(name, F64)
+    bridge = is_bridge(name)
     toks = make_tokens(m, 10, seed=1)[0]
     g = attribution_graph(m, toks, prune_graph=False)
-    _, cache = m.run_with_cache(toks[None])
+    _, cache = run_cache(m, toks)
     nodes, edges = g.nodes, g.edges
     checked = 0
     for tl in (1, 2):  # layer-1 features (block 0) and logits (block 1)
         L = tl - 1
         vec = _source_vectors(m, cache, L)
         targets = nodes[nodes["layer"] == tl].head(3)
-        for t, row in targets.iterrows():
+        readouts = []
+        for _, row in targets.iterrows():
             p = int(row["position"])
             if tl == 1:
                 sae = m.qk_dictionaries[1].sae
@@ -143,6 +256,11 @@ def test_edges_match_autograd_through_the_real_blocks(name):
 
                 def readout(y, p=p, f=f, sae=sae):
                     return (y[p] - sae.b_dec) @ sae.W_enc[:, f] + sae.b_enc[f]
+            elif bridge:  # y: the bridge's logits before any softcap
+                v = int(row["feature"])
+
+                def readout(y, p=p, v=v):
+                    return y[p, v] - y[p].mean()
             else:
                 v = int(row["feature"])
 
@@ -150,7 +268,12 @@ def test_edges_match_autograd_through_the_real_blocks(name):
                     logits = m.unembed(m.ln_final(y[None]))[0, p]
                     return logits[v] - logits.mean()
 
-            grad = _frozen_block_grad(m, cache, L, readout)
+            readouts.append(readout)
+        if bridge:
+            grads = _frozen_bridge_grads(m, cache, toks, L, readouts)
+        else:
+            grads = [_frozen_block_grad(m, cache, L, r) for r in readouts]
+        for t, grad in zip(targets.index, grads, strict=True):
             inc = edges[edges["target_index"] == t]
             assert len(inc) > 0
             for e in inc.itertuples():
@@ -160,46 +283,80 @@ def test_edges_match_autograd_through_the_real_blocks(name):
     assert checked > 50
 
 
-def test_head_loadings_match_autograd_per_head():
-    """gpt2: split each head's value input off (use_split_qkv_input) and differentiate through
-    it alone — the head's path directly and through the MLP = the through_mlp=True loading."""
-    m = with_dicts("gpt2", F64)
+@pytest.mark.parametrize("name", [*hooked("gpt2"), *BRIDGE_CORE])
+def test_head_loadings_match_autograd_per_head(name):
+    """Split each head's value input off and differentiate through it alone — the head's path
+    directly and through the MLP = the through_mlp=True loading. HookedTransformer: its own
+    use_split_qkv_input. A bridge: only head h's ``hook_z`` carries gradient, minus the run in
+    which no head does; that run's gradient, without and with the MLP, gives the residual and
+    MLP loadings."""
+    m = with_dicts(name, F64)
     toks = make_tokens(m, 10, seed=2)[0]
     g = attribution_graph(m, toks, prune_graph=False)
     hl = head_loadings(m, g, through_mlp=True)
     hd = head_loadings(m, g, through_mlp=False)
-    m.set_use_split_qkv_input(True)
-    _, cache = m.run_with_cache(toks[None])
+    bridge = is_bridge(name)
+    if not bridge:
+        m.set_use_split_qkv_input(True)
+    _, cache = run_cache(m, toks)
     L, sae = 0, m.qk_dictionaries[1].sae
     vec = _source_vectors(m, cache, L)
     nodes, edges = g.nodes, g.edges
     target = nodes[(nodes["layer"] == 1) & (nodes["position"] == 7)].iloc[0]
     p, f, t = int(target["position"]), int(target["feature"]), int(target.name)
     inc = edges[edges["target_index"] == t]
+    assert len(inc) > 10
+
+    def readout(y):
+        return (y[p] - sae.b_dec) @ sae.W_enc[:, f]
+
+    def loading(grad, e):
+        return float(grad[int(e.source_pos)] @ vec[e.source])
+
+    H = m.cfg.n_heads
+    if bridge:  # rows: (no head, each head) without the MLP, then the same with it
+        rows = [([], False), *(([h], False) for h in range(H)), ([], True)]
+        rows += [([h], True) for h in range(H)]
+        heads, mlp = zip(*rows, strict=True)
+        grads = _frozen_bridge_grads(m, cache, toks, L, [readout] * len(rows), heads, mlp)
+        no_head = {False: grads[0], True: grads[H + 1]}
+        per_head = {False: grads[1 : H + 1] - grads[0], True: grads[H + 2 :] - grads[H + 1]}
+        for e in inc.itertuples():
+            residual, with_mlp = loading(no_head[False], e), loading(no_head[True], e)
+            assert float(hl.residual[e.Index]) == pytest.approx(residual, rel=1e-9, abs=1e-11)
+            want = with_mlp - residual
+            assert float(hl.mlp[e.Index]) == pytest.approx(want, rel=1e-9, abs=1e-11)
     x = cache[f"blocks.{L}.hook_resid_pre"].detach()
     frozen = [f"blocks.{L}.{h}" for h in ("ln1.hook_scale", "ln2.hook_scale", "attn.hook_pattern")]
-    for h in range(m.cfg.n_heads):
+    n_nonzero = 0
+    for h in range(H):
         for with_mlp, loads in ((True, hl), (False, hd)):
-            leaf = x.clone().requires_grad_(True)
+            if bridge:
+                grad = per_head[with_mlp][h]
+            else:
+                leaf = x.clone().requires_grad_(True)
 
-            def split_v(t_, hook, h=h, leaf=leaf):
-                out = t_.detach().clone()
-                out[:, :, h] = leaf  # only head h's value input depends on the leaf
-                return out
+                def split_v(t_, hook, h=h, leaf=leaf):
+                    out = t_.detach().clone()
+                    out[:, :, h] = leaf  # only head h's value input depends on the leaf
+                    return out
 
-            hooks = [(n, lambda t_, hook, v=cache[n]: v.detach()) for n in frozen]
-            hooks.append((f"blocks.{L}.hook_v_input", split_v))
-            if not with_mlp:  # the direct path only: no gradient through the MLP
-                hooks.append((f"blocks.{L}.hook_mlp_out", lambda t_, hook: t_.detach()))
-            with m.hooks(fwd_hooks=hooks):
-                y = m.blocks[L](x)
-            r = (y[0, p] - sae.b_dec) @ sae.W_enc[:, f]
-            (grad,) = torch.autograd.grad(r, leaf)
+                hooks = [(n, lambda t_, hook, v=cache[n]: v.detach()) for n in frozen]
+                hooks.append((f"blocks.{L}.hook_v_input", split_v))
+                if not with_mlp:  # the direct path only: no gradient through the MLP
+                    hooks.append((f"blocks.{L}.hook_mlp_out", lambda t_, hook: t_.detach()))
+                with m.hooks(fwd_hooks=hooks):
+                    y = m.blocks[L](x)
+                (grad,) = torch.autograd.grad(readout(y[0]), leaf)
+                grad = grad[0]
             for e in inc.itertuples():
-                ref = float(grad[0, int(e.source_pos)] @ vec[e.source])
+                ref = loading(grad, e)
                 got = float(loads.heads[e.Index, h])
                 assert got == pytest.approx(ref, rel=1e-9, abs=1e-11)
-    m.set_use_split_qkv_input(False)
+                n_nonzero += abs(ref) > 1e-6
+    assert n_nonzero > 10
+    if not bridge:
+        m.set_use_split_qkv_input(False)
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -229,55 +386,65 @@ def _check_exact(m, g, cache, logits):
         ("abstopk", "layer_norm", True),
     ],
 )
-def test_attention_only_edges_reproduce_pre_activations(arch, norm, apply_b_dec):
-    m = with_dicts("attn_only", F64, arch=arch, norm=norm, apply_b_dec=apply_b_dec)
+@pytest.mark.parametrize("name", ATTN_ONLY)
+def test_attention_only_edges_reproduce_pre_activations(name, arch, norm, apply_b_dec):
+    m = with_dicts(name, F64, arch=arch, norm=norm, apply_b_dec=apply_b_dec)
     toks = make_tokens(m, 12, seed=3)[0]
     a, b = int(toks[3]), int(toks[4]) if int(toks[4]) != int(toks[3]) else int(toks[3]) + 1
     g = attribution_graph(m, toks, targets=[a, (a, b)], prune_graph=False)
-    logits, cache = m.run_with_cache(toks[None])
+    logits, cache = run_cache(m, toks)
     _check_exact(m, g, cache, logits)
 
 
-def test_attention_only_per_head_loadings_are_each_heads_write():
+@pytest.mark.parametrize("name", ATTN_ONLY)
+def test_attention_only_per_head_loadings_are_each_heads_write(name):
     """Σ_s heads[s→t, h] + head h's bias share = w_t · (head h's output at p_t), from hook_z."""
-    m = with_dicts("attn_only", F64, arch="standard")
+    m = with_dicts(name, F64, arch="standard")
     toks = make_tokens(m, 12, seed=4)[0]
     g = attribution_graph(m, toks, prune_graph=False)
     hl = head_loadings(m, g)
-    _, cache = m.run_with_cache(toks[None])
+    _, cache = run_cache(m, toks)
     nodes = g.nodes
     sae = m.qk_dictionaries[1].sae
     attn, ln1 = m.blocks[0].attn, m.blocks[0].ln1
+    # ln1's bias: a bridge holds Hugging Face's LayerNorm (a GPT-2 block, one value head per head)
+    ln1_b = ln1.original_component.bias if is_bridge(name) else ln1.b
+    assert attn.W_V.shape[0] == m.cfg.n_heads
     tgt = g.edge_target.numpy()
+    n = 0
     for t, row in nodes[(nodes["layer"] == 1) & (nodes["kind"] == "feature")].head(6).iterrows():
         p, f = int(row["position"]), int(row["feature"])
         w = sae.W_enc[:, f].detach()
         z = cache["blocks.0.attn.hook_z"][0, p]  # [head, d_head]
         for h in range(m.cfg.n_heads):
             out_h = z[h] @ attn.W_O[h]
-            bias_h = ((ln1.b @ attn.W_V[h] + attn.b_V[h]) @ attn.W_O[h]) * cache[
+            bias_h = ((ln1_b @ attn.W_V[h] + attn.b_V[h]) @ attn.W_O[h]) * cache[
                 "blocks.0.attn.hook_pattern"
             ][0, h, p].sum()
             got = float(hl.heads[tgt == t, h].sum() + w @ bias_h)
             assert got == pytest.approx(float(w @ out_h), abs=1e-9)
+            n += 1
+    assert n == 6 * m.cfg.n_heads
 
 
-def test_no_layer0_dictionary_uses_embeddings_as_its_basis():
-    m = with_dicts("attn_only", F64, layers=[1])
+@pytest.mark.parametrize("name", ATTN_ONLY)
+def test_no_layer0_dictionary_uses_embeddings_as_its_basis(name):
+    m = with_dicts(name, F64, layers=[1])
     toks = make_tokens(m, 12, seed=5)[0]
     g = attribution_graph(m, toks, prune_graph=False)
-    logits, cache = m.run_with_cache(toks[None])
+    logits, cache = run_cache(m, toks)
     _check_exact(m, g, cache, logits)
     emb = g.nodes["kind"].to_numpy()[g.edge_source.numpy()] == "embedding"
     assert emb.any() and (g.edge_layers().numpy()[emb] == 0).all()
-    head_loadings(m, g).check()
+    assert head_loadings(m, g).check() <= 1e-12
 
 
-def test_decoder_readout_is_the_papers_target_vector():
-    m = with_dicts("attn_only", F64)
+@pytest.mark.parametrize("name", ATTN_ONLY)
+def test_decoder_readout_is_the_papers_target_vector(name):
+    m = with_dicts(name, F64)
     toks = make_tokens(m, 12, seed=6)[0]
     g = attribution_graph(m, toks, readout="decoder", prune_graph=False)
-    _, cache = m.run_with_cache(toks[None])
+    _, cache = run_cache(m, toks)
     nodes = g.nodes
     sums = incoming_sums(g) + nodes["offset"].to_numpy()
     sae = m.qk_dictionaries[1].sae
@@ -290,8 +457,9 @@ def test_decoder_readout_is_the_papers_target_vector():
 
 
 # ------------------------------------------------------------------------------ pruning
-def test_influence_matches_dense_power_series_and_pruning_rules():
-    m = with_dicts("gpt2", F64)
+@pytest.mark.parametrize("name", [*hooked("gpt2"), "Gemma2ForCausalLM"])
+def test_influence_matches_dense_power_series_and_pruning_rules(name):
+    m = with_dicts(name, F64)
     toks = make_tokens(m, 12, seed=7)[0]
     full = attribution_graph(m, toks, prune_graph=False)
     n = full.n_nodes
@@ -303,6 +471,7 @@ def test_influence_matches_dense_power_series_and_pruning_rules():
     while cur.abs().sum() > 0:  # circuit-tracer's compute_influence
         infl += cur
         cur = cur @ A
+    assert np.isfinite(full.nodes["influence"].to_numpy()).all()
     np.testing.assert_allclose(full.nodes["influence"].to_numpy(), infl.numpy(), atol=1e-12)
 
     g = attribution_graph(m, toks, node_threshold=0.6, edge_threshold=0.9)
@@ -325,17 +494,24 @@ def test_influence_matches_dense_power_series_and_pruning_rules():
 
 
 # ------------------------------------------------------------------------------ errors
-def test_missing_dictionary_is_a_clear_error():
-    m = with_dicts("inverse_layer_idx", F64, layers=[0, 2])  # 3 layers, none at 1
+@pytest.mark.parametrize("kind", [*hooked("hooked"), "bridge"])
+def test_missing_dictionary_is_a_clear_error(kind):
+    if kind == "bridge":
+        three, two = make_bridge("LlamaForCausalLM", num_hidden_layers=3), TOY_BRIDGE
+    else:
+        three, two = "inverse_layer_idx", "attn_only"
+    m = with_dicts(three, F64, layers=[0, 2])  # 3 layers, none at 1
+    assert m.cfg.n_layers == 3
     with pytest.raises(ValueError, match=r"missing: \[1\].*Checkpointing"):
         attribution_graph(m, make_tokens(m, 8)[0])
-    m = with_dicts("attn_only", F64, layers=[0])
+    m = with_dicts(two, F64, layers=[0])
     with pytest.raises(ValueError, match=r"missing: \[1\]"):
         attribution_graph(m, make_tokens(m, 8)[0])
 
 
-def test_bad_inputs_and_refusals():
-    m = with_dicts("attn_only", F64)
+@pytest.mark.parametrize("name", [*hooked("attn_only"), "GPT2LMHeadModel"])
+def test_bad_inputs_and_refusals(name):
+    m = with_dicts(name, F64)
     toks = make_tokens(m, 8)[0]
     with pytest.raises(ValueError, match="node_threshold"):
         attribution_graph(m, toks, node_threshold=1.5)
@@ -348,8 +524,8 @@ def test_bad_inputs_and_refusals():
     with pytest.raises(ValueError, match="itself"):
         attribution_graph(m, toks, targets=[(3, 3)])
     with pytest.raises(TypeError, match="attach"):
-        attribution_graph(make_model("attn_only"), toks)
-    mp = with_dicts("attn_only", F64, arch="matching_pursuit")
+        attribution_graph(make_any(name), toks)  # not attached
+    mp = with_dicts(name, F64, arch="matching_pursuit")
     with pytest.raises(ValueError, match="readout='decoder'"):
         attribution_graph(mp, toks)
     attribution_graph(mp, toks, readout="decoder")
@@ -361,17 +537,20 @@ def test_bad_inputs_and_refusals():
         g.edge_index((g.nodes["node_id"].iloc[-1], g.nodes["node_id"].iloc[0]))
 
 
-def test_ln1_normalized_dictionary_is_refused():
-    m = qk_lens.attach(make_model("attn_only", F64))
-    m.add_dictionary(make_sae("topk", hook="blocks.0.hook_resid_pre", d_in=64, d_sae=48))
-    m.add_dictionary(make_sae("topk", hook="blocks.1.ln1.hook_normalized", d_in=64, d_sae=48))
+@pytest.mark.parametrize("name", [*hooked("attn_only"), "GPT2LMHeadModel"])
+def test_ln1_normalized_dictionary_is_refused(name):
+    m = qk_lens.attach(make(name, F64))
+    d = m.cfg.d_model
+    m.add_dictionary(make_sae("topk", hook="blocks.0.hook_resid_pre", d_in=d, d_sae=48))
+    m.add_dictionary(make_sae("topk", hook="blocks.1.ln1.hook_normalized", d_in=d, d_sae=48))
     with pytest.raises(ValueError, match="after ln1"):
         attribution_graph(m, make_tokens(m, 8)[0])
 
 
 # ------------------------------------------------------------------------------ files
-def test_save_load_round_trip_and_corrupt_files(tmp_path):
-    m = with_dicts("gpt2", F32)
+@pytest.mark.parametrize("name", [*hooked("gpt2"), "Qwen3ForCausalLM"])
+def test_save_load_round_trip_and_corrupt_files(name, tmp_path):
+    m = with_dicts(name, F32)
     g = attribution_graph(m, make_tokens(m, 12)[0])
     path = g.save(tmp_path / "g.safetensors")
     h = Graph.load(path)
@@ -405,7 +584,7 @@ def test_save_load_round_trip_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="version 99"):
         Graph.load(future)
     # A graph from another model (same shapes, other weights) is refused by head_loadings.
-    other_model = with_dicts("gpt2", F32, seed=1)
+    other_model = with_dicts(name, F32, seed=1)
     with pytest.raises(ValueError, match="another model|other dictionaries"):
         head_loadings(other_model, h)
 
@@ -456,11 +635,17 @@ NEURONPEDIA_SCHEMA = {  # the required structure of the frontend's graph JSON
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def toy_graph():
+TOY_KINDS = [pytest.param(False, marks=needs_hooked, id="hooked"), pytest.param(True, id="bridge")]
+
+
+@pytest.fixture(scope="module", params=TOY_KINDS)
+def toy_graph(request):
+    """The toy model (a HookedTransformer, or the same weights as a TransformerBridge), its
+    induction prompt and graph."""
     from qk_lens import toy
 
-    m = toy.load("attn2-ln")
+    m = toy.load("attn2-ln", bridge=request.param)
+    assert isinstance(m, qk_lens.QKLensMixin) and is_bridge_model(m) == request.param
     prompt = "owl cat jay fox elk hen owl cat jay fox elk"
     return m, prompt, attribution_graph(m, prompt)
 
@@ -547,12 +732,15 @@ def test_toy_induction_edge_loading_and_qk_story(toy_graph):
     assert hl.qk_attribution(edge).head == h  # default: the edge's top head
 
 
-def test_toy_float64_is_exact():
+@pytest.mark.parametrize("bridge", TOY_KINDS)
+def test_toy_float64_is_exact(bridge):
     from qk_lens import toy
 
-    m = toy.load("attn2-ln", dtype=F64)
+    m = toy.load("attn2-ln", dtype=F64, bridge=bridge)
     prompt = "owl cat jay fox elk hen owl cat jay fox elk"
     g = attribution_graph(m, prompt, prune_graph=False)
-    logits, cache = m.run_with_cache(prompt)
+    tokens = m.to_tokens(prompt)[0]
+    assert torch.equal(g.tokens, tokens)
+    logits, cache = run_cache(m, tokens)
     _check_exact(m, g, cache, logits)
     assert head_loadings(m, g).check() <= 1e-12

@@ -1,33 +1,75 @@
-"""qk_attribution_table against the model's scores and against the explicit term matrices."""
+"""qk_attribution_table against the model's scores and against the explicit term matrices, on
+HookedTransformer variants (stack (a)) and TransformerBridge models (both stacks).
+
+The scores come from the model, not from qk_lens: HookedTransformer variants from the
+hand-written reference (tests/archs.py::reference_scores), bridges from their own
+``hook_attn_scores`` (run as qk_lens runs them, ``arch_of(model).exact_forward()``) and, under
+the Gemma-2 softcap, their own ``hook_rot_q``/``hook_rot_k``.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 import qk_lens
-from tests.archs import make_model, make_tokens, reference_scores
+from qk_lens.arch import arch_of
+from tests.models import BRIDGE_CORE, HOOKED, is_bridge_name, make_any, make_tokens
 from tests.saes import make_sae
 
+torch.set_num_threads(1)
 N_TOK = 14
+NAMES = (["gpt2", "llama", "gemma2", "alibi"] if HOOKED else []) + BRIDGE_CORE
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "alibi"])
+def hooks_of(model, tokens):
+    """The model's own activations, from a forward as qk_lens runs it."""
+    with torch.no_grad(), arch_of(model).exact_forward():
+        _, cache = model.run_with_cache(tokens[None])
+    return cache
+
+
+def bridge_scores(model, cache, layer):
+    """(raw, final) [head, q, k] from a bridge's hooks: ``final`` = ``hook_attn_scores`` with
+    masked entries (``finfo.min``) −inf, ``raw`` the score before the softcap."""
+    attn = f"blocks.{layer}.attn"
+    final = cache[f"{attn}.hook_attn_scores"][0]
+    masked = final <= torch.finfo(final.dtype).min / 2
+    final = final.masked_fill(masked, float("-inf"))
+    cap = model.cfg.attn_scores_soft_cap
+    if cap is None or cap <= 0:
+        return final.clone(), final
+    scaling = float(model.blocks[layer].attn.original_component.scaling)
+    q = cache[f"{attn}.hook_rot_q"][0].transpose(0, 1)  # [head, pos, d_head]
+    k = cache[f"{attn}.hook_rot_k"][0].transpose(0, 1)
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # GQA: head h reads kv h // group
+    raw = torch.einsum("hid,hjd->hij", q, k) * scaling
+    assert torch.allclose(torch.where(masked, final, cap * torch.tanh(raw / cap)), final)
+    return raw, final
+
+
+@pytest.fixture(scope="module", params=NAMES)
 def setup(request):
     name = request.param
-    model = qk_lens.attach(make_model(name))
+    model = qk_lens.attach(make_any(name))
     layer = model.cfg.n_layers - 1
     sae = make_sae("topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=model.cfg.d_model, d_sae=150)
     model.add_dictionary(sae)
     tokens = make_tokens(model, N_TOK)[0]
-    _, cache = model.run_with_cache(tokens[None])
-    raw, final = (t.detach() for t in reference_scores(model, cache, layer))
+    cache = hooks_of(model, tokens)
+    if is_bridge_name(name):
+        raw, final = bridge_scores(model, cache, layer)
+    else:
+        from tests.archs import reference_scores
+
+        raw, final = (t.detach() for t in reference_scores(model, cache, layer))
     if model.cfg.positional_embedding_type == "alibi":
         raw = torch.where(final.isfinite(), final, raw)  # ALiBi is part of the attributed score
-    return model, tokens, layer, raw, final
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
+    return model, tokens, layer, raw, final, pattern
 
 
 def test_every_unmasked_pair_scores_and_sums(setup):
-    model, tokens, layer, raw, final = setup
+    model, tokens, layer, raw, final, _ = setup
     table = model.qk_attribution_table(tokens, layer, top_k=5)
     pairs = table.groupby(["head", "q_pos", "k_pos"])
     expected = {
@@ -37,6 +79,7 @@ def test_every_unmasked_pair_scores_and_sums(setup):
         for k in range(N_TOK)
         if torch.isfinite(final[h, q, k])
     }
+    assert len(expected) >= model.cfg.n_heads * N_TOK
     assert set(pairs.groups) == expected
     agg = pairs.agg(total=("term", "sum"), score=("score", "first"), ms=("model_score", "first"))
     h, q, k = (np.array(x) for x in zip(*agg.index, strict=True))
@@ -46,7 +89,7 @@ def test_every_unmasked_pair_scores_and_sums(setup):
 
 
 def test_listed_terms_are_the_largest_of_the_explicit_matrix(setup):
-    model, tokens, layer, _, _ = setup
+    model, tokens, layer, _, _, _ = setup
     table = model.qk_attribution_table(tokens, layer, heads=[1, 2], top_k=6)
     assert set(table["head"].unique()) == {1, 2}
     for h, q, k in [(1, 13, 2), (2, 9, 9), (1, 5, 0)]:
@@ -64,16 +107,19 @@ def test_listed_terms_are_the_largest_of_the_explicit_matrix(setup):
 
 
 def test_min_prob_filters_pairs(setup):
-    model, tokens, layer, _, _ = setup
+    """Only pairs the model itself (its hook_pattern) attends to with probability ≥ 0.3."""
+    model, tokens, layer, _, _, pattern = setup
     table = model.qk_attribution_table(tokens, layer, top_k=3, min_prob=0.3)
-    pattern = model.qk_capture(tokens).pattern(layer)
     assert (table.prob >= 0.3).all()
+    h, q, k = (torch.as_tensor(table[c].to_numpy()) for c in ("head", "q_pos", "k_pos"))
+    assert np.allclose(table.prob.to_numpy(), pattern[h, q, k].numpy(), atol=1e-9, rtol=0)
     n_expected = int(((pattern >= 0.3) & (pattern > 0)).sum())
+    assert n_expected > 0
     assert table.groupby(["head", "q_pos", "k_pos"]).ngroups == n_expected
 
 
 def test_bad_table_arguments(setup):
-    model, tokens, layer, _, _ = setup
+    model, tokens, layer, _, _, _ = setup
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         model.qk_attribution_table(tokens, layer, top_k=0)
     with pytest.raises(ValueError, match=r"min_prob must lie in \[0, 1\]"):
@@ -87,7 +133,7 @@ def test_chunks_and_progress_change_nothing(setup, capsys):
     table is the same, and the bar counts every pair."""
     import pandas as pd
 
-    model, tokens, layer, _, _ = setup
+    model, tokens, layer, _, _, _ = setup
     whole = model.qk_attribution_table(tokens, layer, top_k=4)
     chunked = model.qk_attribution_table(tokens, layer, top_k=4, chunk_size=3, progress=True)
     pd.testing.assert_frame_equal(whole, chunked)

@@ -1,4 +1,5 @@
-"""The fused top-k term kernel against a brute-force reference and against the torch path."""
+"""The fused top-k term kernel against a brute-force reference and against the torch path; the
+attribution table with and without it on HookedTransformer variants (stack (a)) and bridges."""
 
 import os
 import platform
@@ -11,8 +12,11 @@ import torch
 
 import qk_lens
 import qk_lens.attribution.topk as tt
-from tests.archs import make_model, make_tokens
+from tests.models import BRIDGE_CORE, HOOKED, make_any, make_tokens
 from tests.saes import make_sae
+
+# No torch.set_num_threads(1) here: the fused kernel sizes its thread pool by
+# torch.get_num_threads(), and this module tests that pool.
 
 needs_c = pytest.mark.skipif(
     not tt.fused_available(torch.zeros(1)), reason="no C compiler: the fused kernel is unavailable"
@@ -183,9 +187,9 @@ def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
 
 
 @needs_c
-@pytest.mark.parametrize("arch", ["gpt2", "alibi"])
+@pytest.mark.parametrize("arch", (["gpt2", "alibi"] if HOOKED else []) + BRIDGE_CORE)
 def test_table_same_with_and_without_the_kernel(arch, monkeypatch):
-    model = qk_lens.attach(make_model(arch, dtype=torch.float32))
+    model = qk_lens.attach(make_any(arch, dtype=torch.float32))
     layer = model.cfg.n_layers - 1
     d = model.cfg.d_model
     model.add_dictionary(make_sae("topk", hook=f"blocks.{layer}.hook_resid_pre", d_in=d, d_sae=90))
