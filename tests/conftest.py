@@ -1,6 +1,6 @@
 """Both supported stacks run this suite: (a) TransformerLens 3.9 + SAELens, everything; (b)
-TransformerLens 4 without SAELens, where the modules below, written against HookedTransformer
-test models (tests/archs.py), cannot be imported. Everything else runs there on bridges."""
+TransformerLens 4 without SAELens, where the two modules below, about HookedTransformer itself,
+cannot run. Everything else runs there, on bridges."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import os
 from qk_lens.toy import hooked_transformer_available
 
 HOOKED_ONLY = [
+    # HookedTransformer variants against a reference written from their configs; the bridges'
+    # counterpart, against their own hooks, is test_bridge.py
     "test_archs.py",
+    # HookedTransformer.from_pretrained through the fake hub; on stack (b)
+    # test_sae_files.py boots the same fake "gpt2" as a bridge with the release's SAE
     "test_pretrained.py",
 ]
 STACK = (
