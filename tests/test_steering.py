@@ -6,9 +6,12 @@ bundled toy model, the induction story survives the causal test.
 
 Every test of a steering feature runs on TransformerBridge models (both stacks) and, on stack
 (a), on the HookedTransformer variants of tests/archs.py. A bridge cannot give each query head
-its own copy of a grouped key for a run, so key-side steering of a GQA bridge is refused (tested
-below); the key-side tests run on the same bridge rebuilt with one key per query head.
+its own copy of a grouped key for a run: key-side steering of a GQA bridge edits the shared key
+and holds the group's other heads at their clean patterns, checked below against a twin bridge
+with one key per query head.
 """
+
+import re
 
 import pytest
 import torch
@@ -31,7 +34,6 @@ N_TOK = 14
 # GPT-2 style, NeoX (partial rotary), Llama (GQA + NTK rotary), Gemma-2 (GQA, softcap, local
 # window), Gemma-3 (qk-norm), ALiBi
 ARCHS = ["gpt2", "neox", "llama", "gemma2", "gemma3", "alibi"]
-GQA_REFUSAL = "shares each key between 2 query heads .* steer the query side, or use steer_resid"
 
 
 def hooked(*names):
@@ -47,33 +49,9 @@ def attached(name: str, dtype: torch.dtype = F64):
     return attached_with_sae(name, dtype, N_TOK)
 
 
-_MHA: dict = {}
-
-
-def one_key_per_head(name: str, dtype: torch.dtype = F64):
-    """(attached model, tokens, layer) like :func:`attached`, the GQA bridge ``name`` rebuilt
-    with one key/value head per query head (as attached_with_sae builds its dictionary)."""
-    key = (name, dtype)
-    if key not in _MHA:
-        model = qk_lens.attach(make_bridge(name, dtype, num_key_value_heads=4))
-        layer = model.cfg.n_layers - 1
-        sae = make_sae(
-            "topk",
-            dtype="float64" if dtype == F64 else "float32",
-            hook=f"blocks.{layer}.hook_resid_pre",
-            d_in=model.cfg.d_model,
-            d_sae=4 * model.cfg.d_model,
-            seed=3,
-        )
-        model.add_dictionary(sae)
-        _MHA[key] = (model, make_tokens(model, N_TOK)[0], layer)
-    return _MHA[key]
-
-
 def steerable(name: str, side: str, dtype: torch.dtype = F64):
-    """The model to steer ``side`` of: a GQA bridge's key side on its one-key-per-head rebuild."""
-    if side == "key" and name in GQA_BRIDGES:
-        return one_key_per_head(name, dtype)
+    """The model to steer ``side`` of (a GQA bridge's key side included: its shared key is
+    edited and the group's other heads held at their clean patterns)."""
     return attached(name, dtype)
 
 
@@ -158,18 +136,50 @@ def test_score_change_equals_scale_minus_one_times_marginal(name, side):
         assert torch.allclose(want[live], final[live], atol=1e-10, rtol=0)
 
 
+def ungrouped_twin(model, name: str):
+    """The GQA bridge ``model`` rebuilt with one key/value head per query head, each a copy of
+    its group's (the same function), with the same dictionary."""
+    twin = make_bridge(name, F64, num_key_value_heads=model.cfg.n_heads)
+    group = model.cfg.n_heads // model.cfg.n_key_value_heads
+    d_head = model.cfg.d_head
+    src = model.original_model.state_dict()
+    with torch.no_grad():
+        for key, p in twin.original_model.state_dict().items():
+            w = src[key]
+            # k_proj / v_proj, also listed under the bridge's names k / v (the same tensors)
+            if re.search(r"\.(k|v)(_proj)?\.", key) and key.endswith((".weight", ".bias")):
+                w = w.reshape(-1, d_head, *w.shape[1:]).repeat_interleave(group, dim=0)
+                w = w.reshape(p.shape)
+            p.copy_(w)
+    twin = qk_lens.attach(twin)
+    layer = model.cfg.n_layers - 1
+    twin.add_dictionary(model.qk_dictionaries[layer].sae)
+    return twin
+
+
 @pytest.mark.parametrize("name", GQA_BRIDGES)
-def test_key_side_of_one_gqa_bridge_head_is_refused(name):
-    """A bridge has no switch to ungroup its keys for a run: steering one head's key would move
-    its whole kv group, so it is refused with a way out; the query side and residual edits run."""
+def test_key_side_of_gqa_bridge_heads_is_their_ungrouped_run(name):
+    """A bridge cannot give each query head its own key for a run; qk_lens edits the shared key
+    and holds the group's other heads at their clean patterns. That must be exactly the run of
+    the same model with its keys ungrouped (a twin with one key/value head per query head)."""
     model, tokens, layer = attached(name)
+    twin = ungrouped_twin(model, name)
+    torch.testing.assert_close(
+        twin.qk_capture(tokens).logits(), model.qk_capture(tokens).logits(), rtol=0, atol=1e-10
+    )
     f = active_features(model, tokens, layer, 9, n=1)[0]
-    with pytest.raises(ValueError, match=GQA_REFUSAL):
-        steer_qk(model, tokens, layer, 0, "key", {f: 0.0}, positions=[9])
-    with pytest.raises(ValueError, match=GQA_REFUSAL):
-        steer_qk(model, tokens, layer, [0, 1], "key", {f: 0.0}, positions=[9])  # a whole group
-    with pytest.raises(ValueError, match=GQA_REFUSAL):
-        steer_qk_sweep(model, tokens, layer, 0, f, [0.0, 2.0], side="key", positions=9)
+    for heads in (0, [0, 1], [0, 3]):  # one head, a whole group, one head of each group
+        got = steer_qk(model, tokens, layer, heads, "key", {f: 0.0}, positions=[9])
+        want = steer_qk(twin, tokens, layer, heads, "key", {f: 0.0}, positions=[9])
+        assert got.check() < 1e-9
+        assert got.measured_change.nan_to_num().abs().max() > 1e-4  # the edit acted
+        for field in ("scores_after", "patterns_after", "logits_after", "loss_after"):
+            a, b = getattr(got, field), getattr(want, field)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, equal_nan=True, msg=field)
+    sweep = steer_qk_sweep(model, tokens, layer, 0, f, [0.0, 2.0], side="key", positions=9)
+    twin_sweep = steer_qk_sweep(twin, tokens, layer, 0, f, [0.0, 2.0], side="key", positions=9)
+    for a, b in zip(sweep.items, twin_sweep.items, strict=True):
+        torch.testing.assert_close(a.logits_after, b.logits_after, rtol=0, atol=1e-9)
     assert steer_qk(model, tokens, layer, 0, "query", {f: 0.0}, positions=[9]).check() < 1e-12
     assert steer_resid(model, tokens, layer, [f], positions=[9]).check() < 1e-12
 

@@ -24,8 +24,10 @@ Architecture notes (documented choices):
   the chosen query heads, the runs ungroup the keys for their duration where the model can
   (the architecture adapter's ``ungrouped``: TransformerLens's own switch on a HookedTransformer,
   restored afterwards): each query head then gets its own copy of its group's key (same
-  numbers), and only the chosen copies move. Where it cannot (a TransformerBridge), key-side
-  steering of one head of a shared key is refused.
+  numbers), and only the chosen copies move. Where it cannot (a TransformerBridge), the edit
+  goes into the shared key and the group's other query heads keep their clean patterns for the
+  run: the same run, since they would see the clean key and values are not edited (tested
+  against a twin of the bridge with one key per query head).
 * **The clean run** is the prompt's capture (its one forward, logits included): a call runs only
   the steered forward.
 * **qk-norm** (Gemma-3, Qwen-3, OLMo-2): a change before the norm is not bilinear. By default

@@ -30,6 +30,7 @@ from qk_lens.steering.runs import (
     clean_run,
     forward,
     freeze_hooks,
+    freeze_pattern_hook,
     full_side,
     hook_name,
     masked,
@@ -88,17 +89,16 @@ def run_qk(
     readout: list[int],
     batch_size: int,
 ) -> list[QKSteering]:
-    if side == "key" and s.qk.arch.group > 1 and arch_of(s.model).ungrouped is None:
-        raise ValueError(
-            f"layer {s.layer} shares each key between {s.qk.arch.group} query heads (GQA), and "
-            f"this {type(s.model).__name__} has no switch to give each query head its own key "
-            "for a run: key-side steering of one head is not possible here; steer the query "
-            "side, or use steer_resid"
-        )
+    # A shared (GQA) key without the adapter's switch to ungroup it for a run (a bridge): the
+    # edit goes into the kv head, and the group's other query heads keep their clean patterns.
+    # That is what ungrouping gives: they would see the clean key, and values are not edited.
+    grouped = side == "key" and s.qk.arch.group > 1 and arch_of(s.model).ungrouped is None
+    held = group_mates(s) if grouped else []
     model, qk, layer = s.model, s.qk, s.layer
     heads = s.head_t
     norm_hooks = qk_norm_hooks(s) if qk_norm == "frozen" else []
-    clean = clean_run(s, [*norm_hooks, *pattern_record(s, freeze)], readout)
+    own_pattern = [hook_name(s.layer, qk.arch.hooks.pattern)] if held else []
+    clean = clean_run(s, [*norm_hooks, *pattern_record(s, freeze), *own_pattern], readout)
 
     # The prediction: the other side stays clean, so Δs = q·Δk (or Δq·k), in the frozen maps.
     q_full = full_side(model, qk, "query", heads)
@@ -131,13 +131,21 @@ def run_qk(
 
         def edit(t: Tensor, hook: Any, deltas: Tensor = deltas) -> Tensor:
             out = t.clone()
-            out[:, :, heads] += deltas.to(t.device, t.dtype)
+            if grouped:  # one edit per kv head (query heads of one group share W_K: same delta)
+                kv, first = unique_kv(qk.arch.kv_heads(heads))
+                out[:, :, kv] += deltas[:, :, first].to(t.device, t.dtype)
+            else:
+                out[:, :, heads] += deltas.to(t.device, t.dtype)
             return out
 
         hooks = [(edited, edit)]
         hooks += [(n, replace_with_clean(clean.acts[n])) for n in norm_hooks]
         if freeze:
             hooks += freeze_hooks(s, clean)
+        elif held:
+            name = own_pattern[0]
+            keep = [h for h in range(qk.n_heads) if h not in held]
+            hooks.append((name, freeze_pattern_hook(clean.acts[name], keep)))
         run = forward(s, len(chunk), hooks, [], readout)
         for b, plan in enumerate(chunk):
             out.append(
@@ -146,6 +154,21 @@ def run_qk(
                 )
             )
     return out
+
+
+def group_mates(s: Setup) -> list[int]:
+    """Query heads outside ``s.heads`` that share a key/value head with one of them."""
+    kv = set(s.qk.arch.kv_heads(s.head_t).tolist())
+    g = s.qk.arch.group
+    return [h for h in range(s.qk.n_heads) if h // g in kv and h not in s.heads]
+
+
+def unique_kv(kv: Tensor) -> tuple[list[int], list[int]]:
+    """(each distinct kv head, the index of its first query head in ``kv``)."""
+    seen: dict[int, int] = {}
+    for i, g in enumerate(kv.tolist()):
+        seen.setdefault(g, i)
+    return list(seen), list(seen.values())
 
 
 @renamed(readout="readout_pos")
