@@ -75,8 +75,7 @@ def test_steering_runs_one_forward_after_the_capture(name):
     f = int(a.key_parts[a.key_parts.kind == "feature"].feature.iloc[0])
     calls = []
     with model.hooks(fwd_hooks=[("hook_embed", lambda t, hook: calls.append(t.shape[0]))]):
-        side = "query" if name in BRIDGE_CONFIGS else "key"  # GQA key: refused on bridges
-        model.steer_qk(tokens, layer, 1, side, {f: 0.0}, positions=[9]).check()
+        model.steer_qk(tokens, layer, 1, "key", {f: 0.0}, positions=[9]).check()
         assert calls == [1]
         model.steer_resid(tokens, layer, [f], positions=[9]).check()
         assert calls == [1, 2]  # one batched forward: frozen-norm and live rows
