@@ -133,7 +133,7 @@ def recorder(
     for name in wanted:
         names_of.setdefault(id(points[name]), []).append(name)
     # the names a forward registers hooks by (an alias may not be one of them)
-    run_names = wanted | {arch.run_name(name) for name in wanted}
+    run_names = wanted | {arch.run_name(name, points) for name in wanted}
     acts: dict[str, Tensor] = {}
 
     def save(tensor: Tensor, hook: Any) -> None:

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from qk_lens.capture import recorder
 from qk_lens.files import write_text
 
 if TYPE_CHECKING:
@@ -382,10 +383,12 @@ def label_dictionary(
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(model.cfg.device)
             # The hook lies at or before the dictionary's layer: later blocks are not needed.
-            _, cache = model.run_with_cache(
-                batch, names_filter=dictionary.hook_name, stop_at_layer=dictionary.layer + 1
+            # (recorder finds it by any of its names: SAELens's bridge knows only canonical ones)
+            acts_of, record = recorder(model, [dictionary.hook_name])
+            model.run_with_hooks(
+                batch, fwd_hooks=record, stop_at_layer=dictionary.layer + 1, return_type=None
             )
-            x = cache[dictionary.hook_name]
+            x = acts_of[dictionary.hook_name]
             x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=sae.dtype)
             acts = dictionary.encode(x)
             chunks.append(acts)

@@ -164,8 +164,11 @@ class SavedSAEConfig:
                 max_iterations=self.max_iterations,
                 stop_on_duplicate_support=self.stop_on_duplicate_support,
             )
-        # SAELens reads a config without a version as pre-6.0 (and drops its metadata)
-        out["metadata"] = {"sae_lens_version": FORMAT_VERSION, **self.metadata.to_dict()}
+        # SAELens reads a config without a 6.x version as pre-6.0 (and drops its metadata)
+        meta = self.metadata.to_dict()
+        if not _is_v6(meta.get("sae_lens_version")):
+            meta["sae_lens_version"] = FORMAT_VERSION
+        out["metadata"] = meta
         out["architecture"] = self.arch
         return out
 
@@ -176,7 +179,7 @@ class SavedSAEConfig:
             raise ValueError(f"{where} must hold a JSON object, got {type(raw).__name__}")
         version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
         v6 = _is_v6(version) or isinstance(raw.get("metadata"), dict)
-        d = dict(raw) if v6 else _from_pre_6(raw)
+        d = dict(raw) if v6 else _from_pre_6(raw, where)
         arch = d.get("architecture", "standard")
         if arch not in _PARAMS:
             raise ValueError(
@@ -202,19 +205,32 @@ class SavedSAEConfig:
         dtype = str(d.get("dtype", "float32")).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise ValueError(f"{where}: dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
-        known = {f.name for f in fields(cls)} - {"arch", "metadata", "dtype"}
-        cfg = cls(arch=arch, dtype=dtype, **{k: v for k, v in d.items() if k in known})
+        # each architecture's own fields only, as SAELens's config classes filter them
+        known = {f.name for f in fields(cls)} - {"arch", "metadata", "dtype", *_ARCH_ONLY}
+        known |= set(_ARCH_FIELDS.get(arch, ()))
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if arch == "matching_pursuit":
+            _check_pursuit(kwargs, where)
+        cfg = cls(arch=arch, dtype=dtype, **kwargs)
         cfg.metadata = SAEMetadata(**(d.get("metadata") or {}))
         return cfg
 
 
-_ARCH_ONLY = (
-    "k",
-    "rescale_acts_by_decoder_norm",
-    "residual_threshold",
-    "max_iterations",
-    "stop_on_duplicate_support",
-)
+_ARCH_FIELDS = {
+    "topk": ("k", "rescale_acts_by_decoder_norm"),
+    "abstopk": ("k", "rescale_acts_by_decoder_norm"),
+    "matching_pursuit": ("residual_threshold", "max_iterations", "stop_on_duplicate_support"),
+}
+_ARCH_ONLY = tuple(sorted({f for names in _ARCH_FIELDS.values() for f in names}))
+
+
+def _check_pursuit(kwargs: dict[str, Any], where: str) -> None:
+    t = kwargs.get("residual_threshold", 1e-2)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise ValueError(f"{where}: residual_threshold must be a finite number, got {t!r}")
+    n = kwargs.get("max_iterations")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"{where}: max_iterations must be null or an integer >= 1, got {n!r}")
 
 
 def _is_v6(version: Any) -> bool:
@@ -224,7 +240,7 @@ def _is_v6(version: Any) -> bool:
     return head.isdigit() and int(head) >= 6
 
 
-def _from_pre_6(raw: dict[str, Any]) -> dict[str, Any]:
+def _from_pre_6(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """SAELens's ``handle_pre_6_0_config``: renamed keys, topk from activation_fn, metadata."""
     renames = {
         "hook_point": "hook_name",
@@ -240,8 +256,8 @@ def _from_pre_6(raw: dict[str, Any]) -> dict[str, Any]:
         d["k"] = kwargs["k"]
     elif d["architecture"] == "standard" and d.get("activation_fn", "relu") != "relu":
         raise ValueError(
-            f"activation_fn={d['activation_fn']!r}: a pre-6.0 standard SAE must use relu (or "
-            "topk with activation_fn_kwargs.k)"
+            f"{where}: activation_fn={d['activation_fn']!r}: a pre-6.0 standard SAE must use "
+            "relu (or topk with activation_fn_kwargs.k)"
         )
     norm = d.get("normalize_activations")
     if isinstance(norm, bool):
@@ -420,6 +436,9 @@ class SavedSAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().contiguous() for n, p in self._parameters.items()}
+        # config last, and an old one gone first: a crash in between leaves no config, so no
+        # SAE is read from a weight file and a config that do not belong together
+        (path / CFG_FILE).unlink(missing_ok=True)
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(weights, str(tmp))
         with atomic_path(path / CFG_FILE) as tmp:
@@ -554,8 +573,6 @@ def _check_weights(weights: dict[str, Tensor], cfg: SavedSAEConfig, where: Path)
             )
         if not torch.isfinite(weights[name]).all():
             raise ValueError(f"{where}: {name} holds NaN or infinite values")
-    if math.isnan(float(cfg.residual_threshold)):
-        raise ValueError(f"{where}: residual_threshold is NaN")
 
 
 def load_sae(

@@ -214,6 +214,9 @@ def test_sae_lens_bridge_class(name):
         )
 
     assert worst() <= 1e-9
+    # labelling reads the dictionary's hook by its alias, which this class does not list
+    labels = qk_lens.label_dictionary(model, model.qk_dictionaries[1], tokens[None].repeat(4, 1))
+    assert len(labels) == 256
     a = model.qk_attribution(tokens, 1, 2, Q, 4)
     f = int(a.query_parts[a.query_parts.kind == "feature"].feature.iloc[0])
     model.steer_qk(tokens, 1, 2, "query", {f: 0.0}, positions=[Q]).check()

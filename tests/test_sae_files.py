@@ -326,3 +326,63 @@ def test_load_sae_prefers_sae_lens_where_installed(tmp_path):
     assert type(got).__name__ == ("TopKSAE" if HAVE_SAE_LENS else "SavedSAE")
     assert isinstance(load_saved_sae(tmp_path), SavedSAE)
     assert load_file(str(tmp_path / WEIGHTS_FILE)).keys() >= {"W_enc", "W_dec", "b_enc", "b_dec"}
+
+
+def test_resaving_a_pre_6_sae_keeps_its_metadata(tmp_path):
+    old = {"d_in": 4, "d_sae": 6, "hook_point": "blocks.1.hook_resid_pre", "sae_lens_version": "3.5.0"}  # fmt: skip
+    sae = load_saved_sae(_write(tmp_path / "old", old, _standard()))
+    sae.save_model(tmp_path / "new")
+    again = load_sae(tmp_path / "new")  # SAELens where installed: it must read 6.x metadata
+    assert again.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    cfg = json.loads((tmp_path / "new" / CFG_FILE).read_text())
+    assert cfg["metadata"]["sae_lens_version"].split(".")[0] == "6"
+
+
+def test_fields_of_other_architectures_are_ignored_as_sae_lens_does(tmp_path):
+    """A standard SAE whose config carries topk's rescale flag decodes as a standard SAE."""
+    w = _standard()
+    cfg = {**V6, "dtype": "float32", "rescale_acts_by_decoder_norm": True, "k": 3}
+    sae = load_saved_sae(_write(tmp_path, cfg, w))
+    assert not sae.cfg.rescale_acts_by_decoder_norm and sae.cfg.k is None
+    acts = torch.rand(2, 6)
+    torch.testing.assert_close(sae.decode(acts), acts @ w["W_dec"] + w["b_dec"], rtol=0, atol=1e-6)
+    if HAVE_SAE_LENS:
+        from sae_lens import SAE
+
+        lens = SAE.load_from_disk(str(tmp_path))
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(sae(x), lens(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"residual_threshold": None}, "residual_threshold must be a finite number"),
+        ({"max_iterations": 0}, "max_iterations must be null or an integer >= 1"),
+    ],
+)
+def test_matching_pursuit_settings_are_checked(tmp_path, change, match):
+    w = {"W_dec": torch.randn(6, 4), "b_dec": torch.randn(4)}
+    cfg = {**V6, "architecture": "matching_pursuit", **change}
+    with pytest.raises(ValueError, match=match):
+        load_saved_sae(_write(tmp_path, cfg, w))
+
+
+def test_a_failed_save_leaves_no_config_behind(tmp_path, monkeypatch):
+    import qk_lens.sae_files as files
+
+    make_sae("standard", "float32", seed=1).save_model(tmp_path)
+    other = make_sae("topk", "float32", seed=2, d_sae=12)
+    if not isinstance(other, SavedSAE):  # stack (a): the same SAE through qk_lens's writer
+        other.save_model(tmp_path / "x")
+        other = load_saved_sae(tmp_path / "x")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_model(tmp_path)
+    # the old weights may remain, but without a config nothing reads them as the new SAE
+    with pytest.raises(FileNotFoundError, match=r"cfg\.json is missing"):
+        load_saved_sae(tmp_path)

@@ -329,3 +329,30 @@ def test_training_needs_stack_a(capsys):
 
     assert main(["train", "--model", "attn2-ln", "--steps", "1"]) == 2
     assert "TransformerLens 3.x with SAELens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"attn_scores_soft_cap": 1.0}, r"sets \['attn_scores_soft_cap'\]"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+        ({"attn_scale": 2.0}, "attn_scale=2.0"),
+        ({"attn_only": False}, "attn_only=False"),
+        ({"normalization_type": "LNPre"}, "normalization_type='LNPre'"),
+    ],
+)
+def test_the_bridge_rebuild_refuses_what_it_does_not_carry_over(extra, match):
+    import json
+
+    from qk_lens.arch.convert import hooked_to_hf
+
+    d = toy.model_dir("attn2-ln")
+    cfg = json.loads((d / "config.json").read_text())["hooked_transformer_config"]
+    from safetensors.torch import load_file
+
+    state = load_file(str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=match):
+        hooked_to_hf({**cfg, **extra}, state)
+    extra_key = dict(state, **{"blocks.0.attn.W_extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.0.attn.W_extra'\]"):
+        hooked_to_hf(cfg, extra_key)

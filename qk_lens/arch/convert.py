@@ -22,6 +22,17 @@ __all__ = ["CONVERTIBLE", "hooked_to_hf"]
 CONVERTIBLE = {("LN", "standard"): "GPT2LMHeadModel", ("RMS", "rotary"): "LlamaForCausalLM"}
 
 
+# Config fields the rebuild reads (or that do not change the computation); any other field set
+# in the config (a custom attention scale, softcaps, local attention, ...) is refused.
+_UNDERSTOOD = (
+    "n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab", "d_vocab_out", "attn_only",
+    "act_fn", "d_mlp", "normalization_type", "positional_embedding_type", "eps", "rotary_dim",
+    "rotary_base", "rotary_adjacent_pairs", "n_key_value_heads", "use_attn_scale", "attn_scale",
+    "seed", "model_name", "default_prepend_bos", "tokenizer_name", "init_weights", "init_mode",
+    "initializer_range", "device", "dtype",
+)  # fmt: skip
+
+
 def _require(cfg: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> Any:
     value = cfg.get(key, default)
     if value not in allowed:
@@ -44,12 +55,20 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
             f"positional_embedding_type={kind[1]!r} as a Hugging Face model; convertible: "
             + ", ".join(f"{n}+{p} ({c})" for (n, p), c in CONVERTIBLE.items())
         )
-    _require(cfg, "attn_only", (True,), False)
-    _require(cfg, "n_key_value_heads", (None,), None)
-    _require(cfg, "use_attn_scale", (True,), True)
+    unknown = sorted(set(cfg) - set(_UNDERSTOOD))
+    if unknown:
+        raise ValueError(
+            f"cannot rebuild this HookedTransformer as a Hugging Face model: its config sets "
+            f"{unknown}, which the rebuild does not carry over; it understands "
+            f"{sorted(_UNDERSTOOD)}"
+        )
     n_layers, d_model, n_heads, d_head = (
         cfg[k] for k in ("n_layers", "d_model", "n_heads", "d_head")
     )
+    _require(cfg, "attn_only", (True,), False)
+    _require(cfg, "n_key_value_heads", (None,), None)
+    _require(cfg, "use_attn_scale", (True,), True)
+    _require(cfg, "attn_scale", (-1.0, d_head**0.5), -1.0)
     if n_heads * d_head != d_model:
         raise ValueError(f"n_heads * d_head = {n_heads * d_head} must equal d_model = {d_model}")
     eps = float(cfg.get("eps", 1e-5))

@@ -277,9 +277,10 @@ class ModelArch:
         """Name (alias or canonical) → hook point."""
         return self.model.hook_dict if self.hook_points is None else self.hook_points()
 
-    def run_name(self, name: str) -> str:
-        """The name a forward's hook registration knows ``name``'s hook point by."""
-        point = self.points()[name]
+    def run_name(self, name: str, points: dict[str, Any] | None = None) -> str:
+        """The name a forward's hook registration knows ``name``'s hook point by (``points``:
+        :meth:`points`, when the caller has it; a bridge builds it anew on every call)."""
+        point = (self.points() if points is None else points)[name]
         return getattr(point, "name", None) or name
 
     @property

@@ -83,7 +83,8 @@ def forward(
     acts, saving = recorder(model, [*qk.score_hooks(), *record])
     tokens = s.cap.tokens.to(arch.device)[None].expand(n_batch, -1)
     ungrouped = arch.ungrouped() if arch.ungrouped is not None else nullcontext()
-    edits = [(arch.run_name(name), fn) for name, fn in hooks]
+    points = arch.points()
+    edits = [(arch.run_name(name, points), fn) for name, fn in hooks]
     with torch.no_grad(), ungrouped, arch.exact_forward():
         logits = model.run_with_hooks(tokens, fwd_hooks=[*edits, *saving], return_type="logits")
     return make_run(s, logits, acts, qk.raw_scores(acts), readout)
