@@ -13,7 +13,7 @@ import torch
 import qk_lens
 from qk_lens.arch import arch_of
 from qk_lens.bases import DictionaryBasis, UpstreamBasis
-from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, HAVE_SAE_LENS, attached_bridge, make_bridge
+from tests.bridges import BRIDGE_NAMES, HAVE_SAE_LENS, attached_bridge, make_bridge
 
 torch.set_num_threads(1)
 F64, F32 = torch.float64, torch.float32
@@ -106,19 +106,15 @@ def test_table_rows_sum_to_the_bridge_scores(name):
 
 @pytest.mark.parametrize("name", BRIDGE_NAMES)
 def test_steering_on_bridges(name):
-    """Query-side steering and residual edits everywhere; key side where each query head has
-    its own key (a bridge cannot ungroup GQA keys for a run, so that is refused clearly)."""
+    """Query side, key side (GQA: the shared key edited, the group's other heads held at their
+    clean patterns; see tests/test_steering.py) and residual edits on every bridge."""
     model, tokens, layer = attached_bridge(name)
     a = model.qk_attribution(tokens, layer, 0, Q, Q)
     feature = int(a.key_parts[a.key_parts.kind == "feature"].feature.iloc[0])
     assert model.steer_qk(tokens, layer, 0, "query", {feature: 0.0}, positions=[Q]).check() < 1e-9
     assert model.steer_resid(tokens, layer, [feature], positions=[Q]).check() < 1e-9
-    if name in GQA_BRIDGES:
-        with pytest.raises(ValueError, match="shares each key between 2 query heads"):
-            model.steer_qk(tokens, layer, 0, "key", {feature: 0.0}, positions=[Q])
-    else:
-        r = model.steer_qk(tokens, layer, 0, "key", {feature: 0.0}, positions=[Q])
-        assert r.check() < 1e-9
+    r = model.steer_qk(tokens, layer, 0, "key", {feature: 0.0}, positions=[Q])
+    assert r.check() < 1e-9
 
 
 @pytest.mark.parametrize("name", ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "Gemma2ForCausalLM"])
