@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import qk_lens
-from qk_lens.arch import arch_of
-from tests.models import HOOKED, make_any, make_tokens, needs_hooked
+from tests.models import HOOKED, hooks_of, make_any, make_tokens, needs_hooked
 from tests.saes import make_sae
 
 torch.set_num_threads(1)
@@ -31,13 +30,6 @@ LOCAL_MODELS = [
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
 ]
-
-
-def hooks_of(model, tokens):
-    """The model's own activations for a 1-D prompt (a bridge's: its exact norm path)."""
-    with torch.no_grad(), arch_of(model).exact_forward():
-        _, cache = model.run_with_cache(tokens[None])
-    return cache
 
 
 @pytest.fixture(scope="module", params=API_MODELS)

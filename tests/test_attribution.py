@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import qk_lens
-from qk_lens.arch import arch_of
 from tests.models import (
     BRIDGE_CORE,
     HOOKED,
     MODEL_NAMES,
+    bridge_scores,
+    hooks_of,
     is_bridge_name,
     make_any,
     make_tokens,
@@ -46,40 +47,6 @@ def layer_under_test(model) -> int:
     return model.cfg.n_layers - 1  # the last layer sees every upstream component
 
 
-def hooks_of(model, tokens):
-    """The model's own activations, from a forward as qk_lens runs it."""
-    with torch.no_grad(), arch_of(model).exact_forward():
-        _, cache = model.run_with_cache(tokens[None])
-    return cache
-
-
-def bridge_reference(model, cache, layer):
-    """(raw, final, scales) [head, q, k] of a bridge's layer from its own hooks: ``final`` is
-    ``hook_attn_scores`` with masked entries −inf; ``raw`` the score before the softcap (NaN where
-    masked): ``final`` without a softcap, else ``hook_rot_q · hook_rot_k · scaling``; ``scales``
-    ‖q‖·‖k‖·scaling (a rotation keeps the norm, so before rotary where there is no rot hook)."""
-    attn = f"blocks.{layer}.attn"
-    final = cache[f"{attn}.hook_attn_scores"][0]
-    masked = final <= torch.finfo(final.dtype).min / 2
-    final = final.masked_fill(masked, float("-inf"))
-    scaling = float(model.blocks[layer].attn.original_component.scaling)
-    rot = f"{attn}.hook_rot_q" in cache
-    q = cache[f"{attn}.hook_rot_q" if rot else f"{attn}.hook_q"][0].transpose(0, 1)  # [H, T, d]
-    k = cache[f"{attn}.hook_rot_k" if rot else f"{attn}.hook_k"][0].transpose(0, 1)
-    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # GQA: head h reads kv h // group
-    scales = q.norm(dim=-1)[:, :, None] * k.norm(dim=-1)[:, None, :] * abs(scaling)
-    cap = model.cfg.attn_scores_soft_cap
-    if cap is not None and cap > 0:
-        assert rot, "a softcapped bridge without hook_rot_q: no raw score to compare with"
-        raw = torch.einsum("hid,hjd->hij", q, k) * scaling
-        # the reference itself: the softcap of the raw score is the model's own score
-        capped = torch.where(masked, final, cap * torch.tanh(raw / cap))
-        assert torch.allclose(capped, final, atol=1e-9 if raw.dtype == torch.float64 else 1e-4)
-    else:
-        raw = final.clone()
-    return raw.masked_fill(masked, float("nan")), final, scales
-
-
 def hooked_reference(model, cache, layer):
     """(raw, final, scales) of a HookedTransformer variant from the hand-written reference."""
     from tests.archs import expected_attn_scale, reference_qk, reference_scores
@@ -95,7 +62,7 @@ def hooked_reference(model, cache, layer):
 def reference(name, model, cache, layer):
     """(raw, final, scales), each [head, q, k], of ``layer``'s scores, independent of qk_lens."""
     if is_bridge_name(name):
-        return bridge_reference(model, cache, layer)
+        return bridge_scores(model, cache, layer)
     return hooked_reference(model, cache, layer)
 
 

@@ -14,6 +14,7 @@ import qk_lens
 from qk_lens.arch import arch_of
 from qk_lens.bases import DictionaryBasis, UpstreamBasis
 from tests.bridges import BRIDGE_NAMES, HAVE_SAE_LENS, attached_bridge, make_bridge
+from tests.models import hooks_of
 
 torch.set_num_threads(1)
 F64, F32 = torch.float64, torch.float32
@@ -26,13 +27,6 @@ def make_sae(*args, **kwargs):
     from tests.saes import make_sae
 
     return make_sae(*args, **kwargs)
-
-
-def hooks_of(model, tokens):
-    """The bridge's own activations, from a forward as qk_lens runs it."""
-    with torch.no_grad(), arch_of(model).exact_forward():
-        _, cache = model.run_with_cache(tokens[None])
-    return cache
 
 
 def model_score(model, cache, layer, head, q, k):

@@ -25,7 +25,7 @@ from qk_lens.steering import steer_qk, steer_qk_sweep, steer_resid
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.tokenizer import SPECIALS, WORDS
 from tests.bridges import BRIDGE_NAMES, GQA_BRIDGES, make_bridge
-from tests.models import BRIDGE_CORE, is_bridge_name, make_any, make_tokens, needs_hooked
+from tests.models import BRIDGE_CORE, hooks_of, is_bridge_name, make_any, make_tokens, needs_hooked
 from tests.saes import attached_with_sae, make_sae
 
 torch.set_num_threads(1)
@@ -73,13 +73,6 @@ def clean_forward(model, tokens):
     """A forward as qk_lens runs it (a bridge: its own norm path, as its capture)."""
     with torch.no_grad(), arch_of(model).exact_forward():
         model(tokens[None])
-
-
-def hooks_of(model, tokens):
-    """The model's own activations, from such a forward."""
-    with torch.no_grad(), arch_of(model).exact_forward():
-        _, cache = model.run_with_cache(tokens[None])
-    return cache
 
 
 def active_features(model, tokens, layer, pos, n=2):

@@ -12,39 +12,20 @@ import pytest
 import torch
 
 import qk_lens
-from qk_lens.arch import arch_of
-from tests.models import BRIDGE_CORE, HOOKED, is_bridge_name, make_any, make_tokens
+from tests.models import (
+    BRIDGE_CORE,
+    HOOKED,
+    bridge_scores,
+    hooks_of,
+    is_bridge_name,
+    make_any,
+    make_tokens,
+)
 from tests.saes import make_sae
 
 torch.set_num_threads(1)
 N_TOK = 14
 NAMES = (["gpt2", "llama", "gemma2", "alibi"] if HOOKED else []) + BRIDGE_CORE
-
-
-def hooks_of(model, tokens):
-    """The model's own activations, from a forward as qk_lens runs it."""
-    with torch.no_grad(), arch_of(model).exact_forward():
-        _, cache = model.run_with_cache(tokens[None])
-    return cache
-
-
-def bridge_scores(model, cache, layer):
-    """(raw, final) [head, q, k] from a bridge's hooks: ``final`` = ``hook_attn_scores`` with
-    masked entries (``finfo.min``) −inf, ``raw`` the score before the softcap."""
-    attn = f"blocks.{layer}.attn"
-    final = cache[f"{attn}.hook_attn_scores"][0]
-    masked = final <= torch.finfo(final.dtype).min / 2
-    final = final.masked_fill(masked, float("-inf"))
-    cap = model.cfg.attn_scores_soft_cap
-    if cap is None or cap <= 0:
-        return final.clone(), final
-    scaling = float(model.blocks[layer].attn.original_component.scaling)
-    q = cache[f"{attn}.hook_rot_q"][0].transpose(0, 1)  # [head, pos, d_head]
-    k = cache[f"{attn}.hook_rot_k"][0].transpose(0, 1)
-    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # GQA: head h reads kv h // group
-    raw = torch.einsum("hid,hjd->hij", q, k) * scaling
-    assert torch.allclose(torch.where(masked, final, cap * torch.tanh(raw / cap)), final)
-    return raw, final
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -57,7 +38,7 @@ def setup(request):
     tokens = make_tokens(model, N_TOK)[0]
     cache = hooks_of(model, tokens)
     if is_bridge_name(name):
-        raw, final = bridge_scores(model, cache, layer)
+        raw, final, _ = bridge_scores(model, cache, layer)
     else:
         from tests.archs import reference_scores
 
