@@ -174,3 +174,25 @@ def populate_fake_hub(cache_dir: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_gpt2(cache_dir)
     _write_sae(cache_dir)
+
+
+def offline_env(root: Path) -> dict[str, str]:
+    """A fake hub under ``root`` and the environment a fresh process reads it with, offline (the
+    hub fixes its cache location at import, so the user code runs in a subprocess)."""
+    import os
+
+    hf_home = Path(root) / "hf_home"
+    populate_fake_hub(hf_home / "hub")
+    env = dict(os.environ)
+    for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
+        env.pop(legacy, None)
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")])),
+    )
+    return env

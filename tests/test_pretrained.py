@@ -9,16 +9,13 @@ variables when it is imported, so they have to be in place before the interprete
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fake_hub import D_SAE, N_EMBD, N_HEAD, N_LAYER, SAE_ID, populate_fake_hub
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.fake_hub import D_SAE, N_EMBD, N_HEAD, N_LAYER, SAE_ID, offline_env
 
 USER_SCRIPT = r"""
 import json
@@ -132,19 +129,7 @@ print("QK_LENS_RESULT " + json.dumps(out))
 def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """(a working folder, an environment whose hub cache is the fake one, offline)."""
     root = tmp_path_factory.mktemp("pretrained")
-    hf_home = root / "hf_home"
-    populate_fake_hub(hf_home / "hub")
-    env = dict(os.environ)
-    for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
-        env.pop(legacy, None)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(hf_home),
-        HF_HUB_CACHE=str(hf_home / "hub"),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    )
+    env = offline_env(root)
     return root, env
 
 

@@ -9,7 +9,6 @@ raw file, QK attributions on a bridge with a dictionary given as a directory, an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from qk_lens.sae_files import CFG_FILE, WEIGHTS_FILE, SavedSAE, load_sae, load_s
 from tests.bridges import attached_bridge, make_bridge
 from tests.saes import ARCHS, HAVE_SAE_LENS, NORMS, make_sae
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 needs_sae_lens = pytest.mark.skipif(not HAVE_SAE_LENS, reason="needs SAELens (TransformerLens 3)")
 
 
@@ -265,19 +263,10 @@ print("QK_LENS_RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def hub_env(tmp_path_factory) -> tuple[Path, dict]:
-    from tests.fake_hub import populate_fake_hub
+    from tests.fake_hub import offline_env
 
     root = tmp_path_factory.mktemp("hub")
-    hf_home = root / "hf_home"
-    populate_fake_hub(hf_home / "hub")
-    env = dict(os.environ)
-    for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
-        env.pop(legacy, None)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    )  # fmt: skip
+    env = offline_env(root)
     return root, env
 
 
