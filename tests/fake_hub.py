@@ -5,12 +5,13 @@
 
 * ``gpt2`` -- what ``transformer_lens.loading_from_pretrained.get_official_model_name("gpt2")``
   returns (TransformerLens 3.9 uses the legacy id, not ``openai-community/gpt2``): a random-init
-  ``GPT2LMHeadModel`` with 2 layers, d_model 64 and 4 heads, saved with ``save_pretrained``
+  ``GPT2LMHeadModel`` with 6 layers, d_model 64 and 4 heads, saved with ``save_pretrained``
   (config.json, generation_config.json, model.safetensors) next to a byte-level BPE tokenizer
   trained here (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt) whose last id is
   ``<|endoftext|>``, as in GPT-2.
 * ``jbloom/GPT2-Small-SAEs-Reformatted`` -- the repo of SAELens's ``gpt2-small-res-jb`` release,
-  with ``blocks.1.hook_resid_pre/{cfg.json, sae_weights.safetensors, sparsity.safetensors}`` in
+  with ``blocks.L.hook_resid_pre/{cfg.json, sae_weights.safetensors, sparsity.safetensors}`` for
+  L = 1 and 5 (the README's examples use layer 5) in
   the pre-6.0 format that release is stored in (``hook_point``, ``d_in``, ``d_sae``... with no
   ``sae_lens_version``), read by SAELens's default ``sae_lens`` loader: a ReLU SAE with d_in 64,
   d_sae 128 and nonzero ``b_enc`` / ``b_dec``.
@@ -33,8 +34,9 @@ GPT2_REPO = "gpt2"
 SAE_RELEASE = "gpt2-small-res-jb"
 SAE_REPO = "jbloom/GPT2-Small-SAEs-Reformatted"
 SAE_ID = "blocks.1.hook_resid_pre"
+SAE_IDS = (SAE_ID, "blocks.5.hook_resid_pre")
 
-N_LAYER, N_EMBD, N_HEAD, N_POSITIONS = 2, 64, 4, 128
+N_LAYER, N_EMBD, N_HEAD, N_POSITIONS = 6, 64, 4, 128
 D_SAE = 128
 EOS = "<|endoftext|>"
 
@@ -117,16 +119,17 @@ def _write_gpt2(cache_dir: Path) -> None:
     model.save_pretrained(snap, safe_serialization=True)
 
 
-def _write_sae(cache_dir: Path) -> None:
+def _write_sae(cache_dir: Path, sae_id: str) -> None:
     snap = snapshot_dir(cache_dir, SAE_REPO)
-    folder = snap / SAE_ID  # pretrained_saes.yaml: path == id for this release
+    folder = snap / sae_id  # pretrained_saes.yaml: path == id for this release
+    layer = int(sae_id.split(".")[1])
     folder.mkdir(parents=True, exist_ok=True)
     # The keys of the release's (pre-SAELens-6) cfg.json; handle_pre_6_0_config renames
     # hook_point -> hook_name and fills in architecture="standard", activation_fn="relu".
     cfg = {
         "model_name": "gpt2-small",
-        "hook_point": SAE_ID,
-        "hook_point_layer": 1,
+        "hook_point": sae_id,
+        "hook_point_layer": layer,
         "hook_point_head_index": None,
         "dataset_path": "Skylion007/openwebtext",
         "is_dataset_tokenized": False,
@@ -147,7 +150,7 @@ def _write_sae(cache_dir: Path) -> None:
         "run_name": f"{D_SAE}-L1-8e-05-LR-0.0004-Tokens-3.000e+08",
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(layer)
     w_dec = torch.randn(D_SAE, N_EMBD, generator=g)
     w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
     weights = {
@@ -173,7 +176,8 @@ def populate_fake_hub(cache_dir: Path) -> None:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_gpt2(cache_dir)
-    _write_sae(cache_dir)
+    for sae_id in SAE_IDS:
+        _write_sae(cache_dir, sae_id)
 
 
 def offline_env(root: Path) -> dict[str, str]:

@@ -161,6 +161,17 @@ class HeadAtlas:
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()
 
+    def __repr__(self) -> str:
+        # The dataclass's own repr prints every spectrum and baseline tensor: pages of numbers.
+        heads: dict[str, list[str]] = {}
+        for row in self.frame.itertuples():
+            for label in row.labels:
+                heads.setdefault(label, []).append(row.name)
+        lines = [f"  {label}: {' '.join(names)}" for label, names in heads.items()]
+        model = self.info.get("model", "model")
+        head = f"HeadAtlas({model}: {self.n_layers} layers × {self.n_heads} heads"
+        return head + (", heads per label:\n" + "\n".join(lines) + ")" if lines else ")")
+
 
 def check_score(frame: pd.DataFrame, score: str) -> None:
     if score not in frame.columns or not pd.api.types.is_numeric_dtype(frame[score]):
