@@ -9,6 +9,10 @@ file (or ``--prompt``), written as one CSV / JSON Lines / Parquet table with a `
 Models: a bundled toy model or directory, or any TransformerLens name (downloaded) with SAELens
 SAEs (``--sae-release`` and ``--sae-id``). Exit status 0, or 2 on missing pieces / bad input.
 
+``qk-lens run CONFIG``: a batch analysis from a YAML config (``configs/``), written as a
+Parquet dataset with a manifest, resumable after a crash, on local workers or a Ray cluster
+(``qk_lens.batch``). Exit status 0, 1 if a worker kept dying, 2 on a bad config or input.
+
 ``qk-lens train`` (also ``python -m qk_lens train``): rebuild a bundled toy model, its SAEs
 and labels from nothing (``qk_lens.toy.train.build``), printing one JSON summary per stage.
 """
@@ -170,6 +174,25 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from qk_lens.batch import ConfigError, WorkerDied, load_config, plan, run
+
+    try:
+        cfg = load_config(args.config)
+        if args.dry_run:
+            print(plan(cfg, out=args.out).summary())
+            return 0
+        result = run(cfg, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        print(f"qk-lens run: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except WorkerDied as e:
+        print(f"qk-lens run: {e}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_NOT_CONFIRMED
+    print(result.summary())
+    return 0
+
+
 def _unknown_words(model, prompt: str) -> list[str]:
     """Words the tokenizer maps to its unknown token (they would all look like one token)."""
     tok = model.tokenizer
@@ -299,6 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", default="qk_table.csv", help=f"output, one of {TABLE_FORMATS}")
     table.add_argument("--quiet", action="store_true", help="no progress bar")
     table.set_defaults(run=_table)
+
+    run = sub.add_parser(
+        "run",
+        help="batch analysis from a config: Parquet parts, resumable, local workers or Ray",
+        description="Run a config (configs/*.yaml): the table of every prompt, written as "
+        "Parquet parts of a dataset with a manifest. Rerunning after a crash computes only "
+        "the missing parts.",
+    )
+    run.add_argument("config", help="a YAML config (see configs/)")
+    run.add_argument("--out", default=None, help="output folder (overrides output.dir)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    run.add_argument("--overwrite", action="store_true",
+                     help="discard parts of a different config in the output folder")  # fmt: skip
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(run=_run)
 
     from qk_lens.toy.recipes import RECIPES
 

@@ -1,0 +1,237 @@
+"""What a batch run computes, read from a YAML config and checked before any work.
+
+A config names the model (and its dictionaries), the prompts, what to compute, where the output
+goes and which executor runs it. Every key is checked: an unknown key, a missing one, a value of
+the wrong type or out of range is one :class:`ConfigError` naming the key's path
+(``compute.table.layers[1]``) and what would be valid. Checks that need the model (a layer out
+of range) run in :func:`check_against_model`, still before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key and what would be valid."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DictionarySpec(Strict):
+    """One dictionary: a SAELens saved directory / ``hf://ORG/REPO/FOLDER``, or a SAELens
+    release and id (stack (a))."""
+
+    path: str | None = None
+    release: str | None = None
+    id: str | None = None
+
+    def model_post_init(self, _: Any) -> None:
+        if (self.path is None) == (self.release is None):
+            raise ValueError("give either path (a directory or hf://...) or release with id")
+        if (self.release is None) != (self.id is None):
+            raise ValueError("release and id go together (a SAELens release and one of its ids)")
+
+
+class ModelSpec(Strict):
+    """``name``: a bundled model (``attn2-ln``), a directory ``toy.load`` reads, or a
+    TransformerLens / Hugging Face name (downloaded)."""
+
+    name: str = Field(min_length=1)
+    bridge: bool = False
+    dictionaries: list[DictionarySpec] = []
+
+
+class PromptsSpec(Strict):
+    """Exactly one of ``file`` (text: one prompt per line; ``.jsonl``: one object per line,
+    the prompt under ``field``) or ``dataset`` (a ``datasets`` dataset, online)."""
+
+    file: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    limit: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=1)
+
+    def model_post_init(self, _: Any) -> None:
+        if (self.file is None) == (self.dataset is None):
+            raise ValueError("give exactly one of file (a .txt or .jsonl path) or dataset")
+
+
+class TableSpec(Strict):
+    """``qk_attribution_table`` per prompt: layers, heads (None: all), pairs with attention ≥
+    ``min_prob`` (at most ``max_pairs`` per prompt and layer, the most attended), top-k terms."""
+
+    layers: list[int] | Literal["all"] = Field(min_length=1)
+    heads: list[int] | None = None
+    top_k: int = Field(default=32, gt=0)
+    min_prob: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_pairs: int | None = Field(default=None, gt=0)
+    basis: Literal["dictionary", "upstream"] = "dictionary"
+
+    @field_validator("layers", "heads")
+    @classmethod
+    def _distinct(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if any(i < 0 for i in v):
+                raise ValueError(f"indices are 0 or more, got {v}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"indices repeat: {v}")
+        return v
+
+
+class ComputeSpec(Strict):
+    table: TableSpec
+
+
+class OutputSpec(Strict):
+    dir: str = Field(min_length=1)
+    chunk_size: int = Field(default=16, gt=0)  # prompts per part
+
+
+class ExecutorSpec(Strict):
+    kind: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=0)  # local: 0 runs in this process
+    address: str | None = None  # ray: an existing cluster; None starts an embedded one
+    threads_per_worker: int | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+
+
+class RunConfig(Strict):
+    name: str = Field(min_length=1)
+    model: ModelSpec
+    prompts: PromptsSpec
+    compute: ComputeSpec
+    output: OutputSpec
+    executor: ExecutorSpec = ExecutorSpec()
+    # where relative paths in the config are read from (the config file's folder)
+    base_dir: str = "."
+
+    def path(self, p: str) -> Path:
+        """A path of the config, relative ones read from the config file's folder."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.base_dir) / q
+
+    def result_hash(self) -> str:
+        """Hash of everything that decides the rows (not where they go, nor who computes them):
+        parts of runs with different hashes never mix."""
+        what = self.model_dump(include={"model", "prompts", "compute"})
+        what["chunk_size"] = self.output.chunk_size  # decides which prompts form a part
+        if what["prompts"]["file"] is not None:
+            f = self.path(what["prompts"]["file"])
+            what["prompts"]["file"] = (
+                hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+            )
+        blob = json.dumps(what, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "literal") or str(part).startswith(("list[", "str")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: Any, source: str = "config", base_dir: str | Path = ".") -> RunConfig:
+    """A :class:`RunConfig` from parsed YAML/JSON, or one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of keys at the top, got {type(data).__name__}"
+        )
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: base_dir is set from the config file's location, not in it")
+    try:
+        return RunConfig(**data, base_dir=str(base_dir))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = _where(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "missing (required)"
+            problems.append(f"  {key}: {msg}")
+        raise ConfigError(
+            f"{source}: {len(problems)} problem(s):\n" + "\n".join(problems)
+        ) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and check a YAML (or JSON) config file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = parse_config(data, str(path), path.resolve().parent)
+    check_files(cfg, str(path))
+    return cfg
+
+
+def check_files(cfg: RunConfig, source: str) -> None:
+    """The prompts file is there and readable."""
+    if cfg.prompts.file is None:
+        return
+    f = cfg.path(cfg.prompts.file)
+    if not f.is_file():
+        raise ConfigError(f"{source}: prompts.file: {f} does not exist")
+    try:
+        with f.open(encoding="utf-8") as fh:
+            fh.read(1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{source}: prompts.file: {f} cannot be read as UTF-8 text: {e}"
+        ) from None
+
+
+def check_against_model(
+    cfg: RunConfig, n_layers: int, n_heads: int, dict_layers: list[int]
+) -> None:
+    """Layers and heads in range, and a dictionary for every layer the dictionary basis reads."""
+    t = cfg.compute.table
+    layers = list(range(n_layers)) if t.layers == "all" else t.layers
+    problems = []
+    for i, layer in enumerate(layers):
+        if t.layers != "all" and not 0 <= layer < n_layers:
+            problems.append(
+                f"  compute.table.layers[{i}]: layer {layer} is out of range: the model has "
+                f"{n_layers} layers (0..{n_layers - 1})"
+            )
+        elif t.basis == "dictionary" and layer not in dict_layers:
+            problems.append(
+                f"  compute.table.layers[{i}]: layer {layer} has no dictionary (layers with one: "
+                f"{sorted(dict_layers) or 'none'}); add one under model.dictionaries or set "
+                "compute.table.basis: upstream"
+            )
+    for i, h in enumerate(t.heads or []):
+        if not 0 <= h < n_heads:
+            problems.append(
+                f"  compute.table.heads[{i}]: head {h} is out of range: the model has {n_heads} "
+                f"heads per layer (0..{n_heads - 1})"
+            )
+    if problems:
+        raise ConfigError(f"{cfg.name}: {len(problems)} problem(s):\n" + "\n".join(problems))
+
+
+def table_layers(cfg: RunConfig, n_layers: int) -> list[int]:
+    t = cfg.compute.table
+    return list(range(n_layers)) if t.layers == "all" else list(t.layers)

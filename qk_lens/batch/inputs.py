@@ -1,0 +1,96 @@
+"""A run's inputs: the model (with its dictionaries) and the prompts, as its config names them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qk_lens.batch.config import ConfigError, ModelSpec, PromptsSpec, RunConfig
+
+
+def load_model(spec: ModelSpec, base_dir: str | Path = ".") -> Any:
+    """The attached model of ``spec``: a bundled model (its own SAEs), or a pretrained one with
+    the dictionaries listed (downloads where the name is not on disk)."""
+    import qk_lens
+    from qk_lens import toy
+    from qk_lens.sae_files import load_sae
+
+    local = Path(base_dir) / spec.name
+    if spec.name in toy.NAMES or (local / "config.json").is_file():
+        if spec.dictionaries:
+            raise ConfigError(
+                "model.dictionaries: the bundled models ship their SAEs; leave the list out"
+            )
+        return toy.load(spec.name if spec.name in toy.NAMES else local, bridge=spec.bridge or None)
+    if spec.bridge or not toy.hooked_transformer_available():
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = qk_lens.attach(TransformerBridge.boot_transformers(spec.name))
+    else:
+        model = qk_lens.HookedQKTransformer.from_pretrained(spec.name)
+    device = str(model.cfg.device)
+    for i, d in enumerate(spec.dictionaries):
+        if d.release is not None:
+            try:
+                from sae_lens import SAE
+            except ImportError:
+                raise ConfigError(
+                    f"model.dictionaries[{i}]: release needs SAELens (TransformerLens 3.x); "
+                    "beside TransformerLens 4 give path: hf://ORG/REPO/FOLDER instead"
+                ) from None
+            sae = SAE.from_pretrained(d.release, d.id)
+        else:
+            p = d.path if d.path.startswith("hf://") else str(Path(base_dir) / d.path)
+            sae = load_sae(p, device=device)
+        model.add_dictionary(sae.to(device=device))
+    return model
+
+
+def read_prompts(spec: PromptsSpec, cfg: RunConfig) -> list[str]:
+    """The prompts, in order (blank lines of a text file skipped), at most ``limit``."""
+    if spec.file is not None:
+        path = cfg.path(spec.file)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix == ".jsonl":
+            prompts = []
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"prompts.file: {path}:{n} is not JSON: {e}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(spec.field), str):
+                    raise ConfigError(
+                        f"prompts.file: {path}:{n} has no string under prompts.field "
+                        f"{spec.field!r} (keys: {sorted(obj) if isinstance(obj, dict) else '-'})"
+                    )
+                prompts.append(obj[spec.field])
+        else:
+            prompts = [line for line in lines if line.strip()]
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(
+                "prompts.dataset needs the datasets package (pip install datasets)"
+            ) from None
+        ds = datasets.load_dataset(
+            spec.dataset, spec.dataset_config, split=spec.split, streaming=True
+        )
+        prompts = []
+        for row in ds:
+            if spec.field not in row:
+                raise ConfigError(
+                    f"prompts.field: {spec.field!r} is not a column of {spec.dataset} (columns: {sorted(row)})"
+                )
+            prompts.append(row[spec.field])
+            if spec.limit is not None and len(prompts) >= spec.limit:
+                break
+    prompts = [p for p in prompts if p.strip()]
+    if spec.limit is not None:
+        prompts = prompts[: spec.limit]
+    if not prompts:
+        raise ConfigError("prompts: there are none (an empty file, or only blank lines)")
+    return prompts

@@ -1,0 +1,186 @@
+"""``qk-lens run CONFIG``: check the config, plan the parts, compute the missing ones, write them.
+
+The driver loads the model (for the checks against it, the tokenizer and ``workers: 0``),
+reads the prompts, opens the output folder (adopting the parts a killed run finished), and
+hands the rest to the executor; it alone writes files, part by part, as they finish.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from qk_lens.batch import executors
+from qk_lens.batch.config import RunConfig, check_against_model, table_layers
+from qk_lens.batch.inputs import load_model, read_prompts
+from qk_lens.batch.store import RunStore, read_part_meta
+from qk_lens.batch.work import Part, compute_part, prompt_tokens, split_parts
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    out: Path
+    model: Any
+    prompts: list[str]
+    parts: list[Part]
+
+
+def prepare(cfg: RunConfig, out: str | Path | None = None) -> Prepared:
+    """Load and check everything a run needs, before any work."""
+    model = load_model(cfg.model, cfg.base_dir)
+    n_heads = model.cfg.n_heads
+    dict_layers = list(model.qk_dictionaries)
+    check_against_model(cfg, model.cfg.n_layers, n_heads, dict_layers)
+    prompts = read_prompts(cfg.prompts, cfg)
+    root = Path(out) if out is not None else cfg.path(cfg.output.dir)
+    return Prepared(cfg, root, model, prompts, split_parts(prompts, cfg.output.chunk_size))
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    c = model.cfg
+    return {
+        "class": type(model).__name__,
+        "name": getattr(c, "model_name", None),
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "d_model": c.d_model,
+        "dtype": str(getattr(c, "dtype", "")),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+@dataclass
+class RunResult:
+    """What a run did: where, how many parts were there already, computed, rows, time."""
+
+    out: Path
+    n_prompts: int
+    n_parts: int
+    parts_adopted: int
+    parts_computed: int
+    rows: int
+    seconds: float
+    retries: int = 0  # parts handed to a fresh worker after theirs died
+
+    def summary(self) -> str:
+        retried = f" ({self.retries} redone after a worker died)" if self.retries else ""
+        return (
+            f"{self.n_prompts} prompts in {self.n_parts} parts: {self.parts_adopted} already "
+            f"done, {self.parts_computed} computed in {self.seconds:.1f} s{retried}; "
+            f"{self.rows} rows -> {self.out / 'table'}"
+        )
+
+
+def run(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    prepared: Prepared | None = None,
+) -> RunResult:
+    """Compute every part of ``cfg`` not already in the output folder, and write it."""
+    p = prepared or prepare(cfg, out)
+    store = RunStore(p.out, cfg, len(p.prompts), model_info(p.model))
+    done = store.open(overwrite=overwrite)
+    todo = [part for part in p.parts if part.index not in done]
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=len(p.prompts), initial=sum(len(x.prompts) for x in p.parts if x.index in done),
+        unit="prompt", desc=cfg.name, disable=not progress,
+    )  # fmt: skip
+    ex = cfg.executor
+    retried: list[int] = []
+    if ex.kind == "ray":
+        stream = executors.ray_executor(cfg, todo, lambda part: retried.append(part.index))
+    elif ex.workers == 0:
+        stream = executors.in_process(cfg, p.model, todo)
+    else:
+        stream = executors.local(cfg, todo, lambda part: retried.append(part.index))
+    computed = 0
+    with bar:
+        for part, table in stream:
+            store.write_part(part.index, part.first, len(part.prompts), table)
+            computed += 1
+            bar.update(len(part.prompts))
+    store.finish(len(p.parts))
+    rows = sum(v["rows"] for v in store.manifest["parts"].values())
+    seconds = time.perf_counter() - t0
+    return RunResult(
+        p.out, len(p.prompts), len(p.parts), len(done), computed, rows, seconds, len(retried)
+    )
+
+
+@dataclass
+class Plan:
+    """What a run would do (``--dry-run``): counts, and rows and bytes estimated from a sample."""
+
+    out: Path
+    n_prompts: int
+    n_parts: int
+    parts_done: int
+    layers: list[int]
+    heads: int
+    tokens: int
+    pairs_bound: int
+    sample_prompts: int
+    est_pairs: float
+    est_rows: float
+    est_bytes: float
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"output: {self.out} ({self.parts_done} of {self.n_parts} parts already done)",
+                f"prompts: {self.n_prompts} ({self.tokens} tokens), parts: {self.n_parts}",
+                f"layers: {self.layers}, heads per layer: {self.heads}",
+                f"(head, q, k) pairs: at most {self.pairs_bound} (every unmasked pair); "
+                f"estimated {self.est_pairs:,.0f} above the attention threshold",
+                f"estimated rows: {self.est_rows:,.0f}, estimated Parquet size: "
+                f"{self.est_bytes / 2**20:,.1f} MiB (from the first {self.sample_prompts} "
+                "prompt(s), computed now)",
+            ]
+        )
+
+
+def plan(cfg: RunConfig, out: str | Path | None = None, sample: int = 2) -> Plan:
+    """The plan of a run, with rows and bytes extrapolated from the first ``sample`` prompts."""
+    p = prepare(cfg, out)
+    t = cfg.compute.table
+    layers = table_layers(cfg, p.model.cfg.n_layers)
+    heads = len(t.heads) if t.heads is not None else p.model.cfg.n_heads
+    lengths = [len(prompt_tokens(p.model, s, cfg.prompts.max_tokens)) for s in p.prompts]
+    bound = sum(n * (n + 1) // 2 for n in lengths) * heads * len(layers)
+    if t.max_pairs is not None:
+        bound = min(bound, len(p.prompts) * len(layers) * t.max_pairs)
+    k = min(sample, len(p.prompts))
+    table = compute_part(p.model, cfg, Part(0, 0, tuple(p.prompts[:k])))
+    sample_bound = sum(n * (n + 1) // 2 for n in lengths[:k]) * heads * len(layers)
+    sample_pairs = len(
+        table.to_pandas()[["prompt", "layer", "head", "q_pos", "k_pos"]].drop_duplicates()
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    frac = sample_pairs / max(sample_bound, 1)
+    rows_per_pair = table.num_rows / max(sample_pairs, 1)
+    est_pairs = frac * sum(n * (n + 1) // 2 for n in lengths) * heads * len(layers)
+    if t.max_pairs is not None:
+        est_pairs = min(est_pairs, bound)
+    est_rows = est_pairs * rows_per_pair
+    bytes_per_row = buf.tell() / max(table.num_rows, 1)
+    this = cfg.result_hash()
+    parts_done = sum(
+        1
+        for f in (p.out / "table").glob("part-*.parquet")
+        if read_part_meta(f).get("config_hash") == this
+    )
+    return Plan(
+        p.out, len(p.prompts), len(p.parts), parts_done, layers, heads, sum(lengths), bound, k,
+        est_pairs, est_rows, est_rows * bytes_per_row,
+    )  # fmt: skip

@@ -1,0 +1,119 @@
+"""One part of a run: the rows of a chunk of prompts, computed by whichever worker holds the model.
+
+The rows of a part depend only on the config and its prompts, never on which process or machine
+computes them, so every executor writes the same dataset (with the same threads per worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from qk_lens.batch.config import RunConfig, table_layers
+from qk_lens.capture import prompt_to_tokens
+from qk_lens.state import capture_tokens
+
+# The table's columns, in order, with the types every part is written with (a part with no
+# rows has the same schema as one with many).
+TABLE_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.int64()),
+        ("layer", pa.int64()),
+        ("head", pa.int64()),
+        ("q_pos", pa.int64()),
+        ("k_pos", pa.int64()),
+        ("prob", pa.float64()),
+        ("score", pa.float64()),
+        ("model_score", pa.float64()),
+        ("rank", pa.int64()),
+        ("q_kind", pa.string()),
+        ("q_feature", pa.int64()),
+        ("q_label", pa.string()),
+        ("k_kind", pa.string()),
+        ("k_part_pos", pa.int64()),
+        ("k_feature", pa.int64()),
+        ("k_label", pa.string()),
+        ("term", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Prompts ``first .. first + len(prompts) - 1`` of the run, as part ``index``."""
+
+    index: int
+    first: int
+    prompts: tuple[str, ...]
+
+
+def split_parts(prompts: list[str], chunk_size: int) -> list[Part]:
+    return [
+        Part(i // chunk_size, i, tuple(prompts[i : i + chunk_size]))
+        for i in range(0, len(prompts), chunk_size)
+    ]
+
+
+def prompt_tokens(model: Any, prompt: str, max_tokens: int | None) -> torch.Tensor:
+    tokens = prompt_to_tokens(model, prompt)
+    return tokens[:max_tokens] if max_tokens is not None else tokens
+
+
+def pair_threshold(model: Any, tokens: torch.Tensor, layer: int, heads: list[int] | None,
+                   min_prob: float, max_pairs: int | None) -> float:  # fmt: skip
+    """The probability the ``max_pairs``-th most attended pair reaches (or ``min_prob``)."""
+    if max_pairs is None:
+        return min_prob
+    pattern = capture_tokens(model, tokens).pattern(layer)
+    if heads is not None:
+        pattern = pattern[heads]
+    probs = pattern.reshape(-1)
+    if probs.numel() <= max_pairs:
+        return min_prob
+    kth = float(probs.double().topk(max_pairs).values[-1])
+    return max(min_prob, kth)
+
+
+def keep_top_pairs(df: pd.DataFrame, max_pairs: int | None) -> pd.DataFrame:
+    """At most ``max_pairs`` pairs (ties at the threshold broken by position order)."""
+    if max_pairs is None or df.empty:
+        return df
+    pairs = df[["head", "q_pos", "k_pos", "prob"]].drop_duplicates(["head", "q_pos", "k_pos"])
+    if len(pairs) <= max_pairs:
+        return df
+    keep = pairs.sort_values("prob", ascending=False, kind="stable").head(max_pairs)
+    key = ["head", "q_pos", "k_pos"]
+    return df.merge(keep[key], on=key, how="inner", sort=False)
+
+
+def compute_part(model: Any, cfg: RunConfig, part: Part) -> pa.Table:
+    """The table rows of every prompt of ``part`` (all the config's layers), as one Arrow table."""
+    t = cfg.compute.table
+    layers = table_layers(cfg, model.cfg.n_layers)
+    frames = []
+    for j, prompt in enumerate(part.prompts):
+        tokens = prompt_tokens(model, prompt, cfg.prompts.max_tokens)
+        for layer in layers:
+            min_prob = pair_threshold(model, tokens, layer, t.heads, t.min_prob, t.max_pairs)
+            df = model.qk_attribution_table(
+                tokens, layer, heads=t.heads, top_k=t.top_k, min_prob=min_prob, basis=t.basis
+            )
+            df = keep_top_pairs(df, t.max_pairs)
+            df.insert(0, "prompt", part.first + j)
+            frames.append(df)
+        model.clear_qk_cache()  # one prompt at a time: memory stays flat over a long part
+    return to_arrow(frames)
+
+
+def to_arrow(frames: list[pd.DataFrame]) -> pa.Table:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return TABLE_SCHEMA.empty_table()
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("q_kind", "q_label", "k_kind", "k_label"):
+        df[col] = df[col].astype(str)
+    return pa.Table.from_pandas(df[TABLE_SCHEMA.names], schema=TABLE_SCHEMA, preserve_index=False)

@@ -1,0 +1,238 @@
+"""``qk-lens run CONFIG``: configs checked before work, parts whole or absent, resume after
+SIGKILL without loss or duplicates, the same rows from every executor, dead workers retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from qk_lens.batch import ConfigError, load_config, parse_config, plan, read_table, run
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = (ROOT / "configs" / "prompts" / "toy_repeats.txt").read_text().splitlines()[:6]
+KEY = ["prompt", "layer", "head", "q_pos", "k_pos", "rank"]
+
+
+def write_config(folder: Path, **changes) -> Path:
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = {
+        "name": "t",
+        "model": {"name": "attn2-ln"},
+        "prompts": {"file": "prompts.txt"},
+        "compute": {"table": {"layers": [1], "top_k": 4, "min_prob": 0.1}},
+        "output": {"dir": "out", "chunk_size": 2},
+        "executor": {"kind": "local", "workers": 0, "threads_per_worker": 1},
+    }
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        d = cfg
+        for p in path:
+            d = d.setdefault(p, {})
+        if value is None and last in d:
+            del d[last]
+        else:
+            d[last] = value
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> pd.DataFrame:
+    """The rows computed directly, prompt by prompt, with the model's own method."""
+    from qk_lens import toy
+
+    model = toy.load("attn2-ln")
+    frames = []
+    for i, p in enumerate(PROMPTS):
+        df = model.qk_attribution_table(p, 1, top_k=4, min_prob=0.1)
+        df.insert(0, "prompt", i)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    for c in ("q_kind", "q_label", "k_kind", "k_label"):
+        out[c] = out[c].astype(str)
+    return out
+
+
+def same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    got = got.sort_values(KEY, kind="stable").reset_index(drop=True)
+    want = want.sort_values(KEY, kind="stable").reset_index(drop=True)
+    assert len(got) == len(want) and not got.duplicated(KEY).any()
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"compute__table__colour": "red"}, r"compute\.table\.colour: unknown key"),
+        ({"model": None}, r"model: missing"),
+        ({"compute__table__top_k": 0}, r"compute\.table\.top_k: .*greater than 0"),
+        ({"compute__table__min_prob": "high"}, r"compute\.table\.min_prob"),
+        ({"executor__kind": "slurm"}, r"executor\.kind: .*'local' or 'ray'"),
+        ({"prompts__file": "missing.txt"}, r"prompts\.file: .*missing\.txt does not exist"),
+        ({"prompts__dataset": "x"}, r"prompts: .*exactly one of file"),
+    ],
+)
+def test_a_bad_config_is_one_clear_error(tmp_path, changes, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, **changes))
+
+
+def test_model_dependent_checks_run_before_any_work(tmp_path) -> None:
+    cfg = load_config(write_config(tmp_path, compute__table__layers=[1, 5]))
+    with pytest.raises(ConfigError, match=r"layers\[1\]: layer 5 is out of range: .*2 layers"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    cfg = load_config(write_config(tmp_path, compute__table__heads=[7]))
+    with pytest.raises(ConfigError, match=r"heads\[0\]: head 7 is out of range"):
+        run(cfg, progress=False)
+
+
+def test_unreadable_prompts_and_bad_yaml(tmp_path) -> None:
+    path = write_config(tmp_path)
+    (tmp_path / "prompts.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="cannot be read as UTF-8"):
+        load_config(path)
+    path.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(["a list"])
+
+
+def test_example_configs_are_valid() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+# ------------------------------------------------------------------ results
+def test_run_writes_what_the_table_gives(tmp_path, reference) -> None:
+    cfg = load_config(write_config(tmp_path))
+    result = run(cfg, progress=False)
+    assert (result.n_parts, result.parts_computed, result.parts_adopted) == (3, 3, 0)
+    got = read_table(tmp_path / "out")
+    same_rows(got, reference)
+    # the rows of each pair sum to its score (an identity of the table, kept by the writer)
+    sums = got.groupby(["prompt", "head", "q_pos", "k_pos"]).agg(
+        s=("term", "sum"), t=("score", "first")
+    )
+    assert ((sums.s - sums.t).abs() <= 1e-4 * sums.t.abs().clip(lower=1)).all()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_prompts"] == 6
+    assert sum(p["rows"] for p in manifest["parts"].values()) == len(got)
+    assert manifest["versions"]["torch"] and manifest["model"]["n_layers"] == 2
+    # a pyarrow dataset of the parts
+    assert pads.dataset(tmp_path / "out" / "table").count_rows() == len(got)
+    # a second run adopts everything and computes nothing
+    again = run(cfg, progress=False)
+    assert (again.parts_adopted, again.parts_computed) == (3, 0)
+
+
+def test_max_pairs_keeps_the_most_attended(tmp_path, reference) -> None:
+    cfg = load_config(write_config(tmp_path, compute__table__max_pairs=5))
+    run(cfg, progress=False)
+    got = read_table(tmp_path / "out")
+    pairs = got.drop_duplicates(["prompt", "head", "q_pos", "k_pos"])
+    for i, per in pairs.groupby("prompt"):
+        ref = reference[reference.prompt == i].drop_duplicates(["head", "q_pos", "k_pos"])
+        assert len(per) == min(5, len(ref))
+        assert per.prob.min() >= ref.prob.nlargest(min(5, len(ref))).min() - 1e-12
+
+
+def test_a_changed_config_refuses_to_mix(tmp_path) -> None:
+    run(load_config(write_config(tmp_path)), progress=False)
+    changed = load_config(write_config(tmp_path, compute__table__top_k=3))
+    with pytest.raises(ConfigError, match="different config.*--overwrite"):
+        run(changed, progress=False)
+    result = run(changed, progress=False, overwrite=True)
+    assert result.parts_computed == 3
+    assert (
+        read_table(tmp_path / "out").groupby(["prompt", "head", "q_pos", "k_pos"]).size().max() <= 4
+    )
+
+
+def test_dry_run_plans_without_writing(tmp_path) -> None:
+    p = plan(load_config(write_config(tmp_path)))
+    assert (p.n_prompts, p.n_parts, p.parts_done, p.layers, p.heads) == (6, 3, 0, [1], 4)
+    assert 0 < p.est_pairs <= p.pairs_bound and p.est_rows > 0 and p.est_bytes > 0
+    assert not (tmp_path / "out").exists()
+    assert "estimated rows" in p.summary()
+
+
+# ------------------------------------------------------------------ crashes and executors
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, reference) -> None:
+    cfg_path = write_config(tmp_path, output__chunk_size=1)
+    cmd = [sys.executable, "-m", "qk_lens", "run", str(cfg_path), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    table = tmp_path / "out" / "table"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(table.glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(table.glob("part-*.parquet")))
+    assert 2 <= n_before < 6, f"the kill came too late to test resuming ({n_before} parts)"
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"{n_before} already done" in out.stdout or f"{n_before + 1} already done" in out.stdout
+    assert not list(table.glob(".*"))  # no temporary files left
+    same_rows(read_table(tmp_path / "out"), reference)
+
+
+def kill_one_worker_after_the_first_part(table: Path, marker: str, killed: list[int]) -> None:
+    """SIGKILL one worker process (its command line contains ``marker``) once a part is done."""
+    import psutil
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(table.glob("part-*.parquet")):
+        time.sleep(0.02)
+    while time.time() < deadline and not killed:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if marker in cmd and not killed:
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("kind", "marker"),
+    [("local", "spawn_main"), ("ray", "ray::RayWorker")],
+)
+def test_executors_give_the_same_rows_and_survive_a_killed_worker(
+    tmp_path, reference, kind, marker
+) -> None:
+    if kind == "ray":
+        pytest.importorskip("ray")
+    cfg = load_config(
+        write_config(
+            tmp_path, output__chunk_size=1, executor__kind=kind, executor__workers=2,
+            executor__max_retries=3,
+        )
+    )  # fmt: skip
+    killed: list[int] = []
+    t = threading.Thread(
+        target=kill_one_worker_after_the_first_part,
+        args=(tmp_path / "out" / "table", marker, killed),
+    )
+    t.start()
+    result = run(cfg, progress=False)
+    t.join()
+    assert killed, "no worker process was found to kill"
+    assert result.parts_computed == 6 and result.retries >= 1
+    same_rows(read_table(tmp_path / "out"), reference)
