@@ -236,3 +236,74 @@ def test_executors_give_the_same_rows_and_survive_a_killed_worker(
     assert killed, "no worker process was found to kill"
     assert result.parts_computed == 6 and result.retries >= 1
     same_rows(read_table(tmp_path / "out"), reference)
+
+
+def test_prompts_from_jsonl_and_from_a_dataset(tmp_path, reference) -> None:
+    rows = "".join(json.dumps({"id": i, "body": p}) + "\n" for i, p in enumerate(PROMPTS))
+    (tmp_path / "p.jsonl").write_text(rows)
+    cfg = load_config(write_config(tmp_path, prompts__file="p.jsonl", prompts__field="body"))
+    run(cfg, progress=False)
+    same_rows(read_table(tmp_path / "out"), reference)
+    cfg = load_config(write_config(tmp_path, prompts__file="p.jsonl", prompts__field="text"))
+    with pytest.raises(ConfigError, match=r"p\.jsonl:1 has no string under prompts\.field 'text'"):
+        run(cfg, progress=False)
+
+    pytest.importorskip("datasets")
+    data = tmp_path / "data"  # a local dataset folder: what load_dataset reads offline
+    data.mkdir()
+    (data / "train.jsonl").write_text(rows)
+    cfg = load_config(
+        write_config(
+            tmp_path, prompts__file=None, prompts__dataset=str(data), prompts__field="body",
+            prompts__limit=4, output__dir="out_ds",
+        )
+    )  # fmt: skip
+    run(cfg, progress=False)
+    same_rows(read_table(tmp_path / "out_ds"), reference[reference.prompt < 4])
+
+
+def test_the_qk_profile_counts_what_the_rows_hold(tmp_path, reference) -> None:
+    from collections import defaultdict
+
+    from qk_lens.batch import qk_profile
+
+    cfg = load_config(write_config(tmp_path, executor__workers=0))
+    run(cfg, progress=False)
+    profile = qk_profile(tmp_path / "out", examples=2)
+    # a slow reference written differently: one dict entry per interaction, row by row
+    count: dict = defaultdict(int)
+    total: dict = defaultdict(float)
+    share: dict = defaultdict(float)
+    prompts: dict = defaultdict(list)
+    pairs: dict = defaultdict(set)
+    for r in reference.itertuples():
+        pairs[(r.layer, r.head)].add((r.prompt, r.q_pos, r.k_pos))
+        if r.rank < 0:
+            continue
+        key = (r.layer, r.head, r.q_kind, r.q_feature, r.q_label, r.k_kind, r.k_feature, r.k_label)
+        count[key] += 1
+        total[key] += r.term
+        share[key] += r.term / r.score
+        if r.prompt not in prompts[key]:
+            prompts[key].append(r.prompt)
+    f = profile.frame
+    assert len(f) == len(count) and profile.n_prompts == len(PROMPTS)
+    for row in f.itertuples():
+        key = (row.layer, row.head, row.q_kind, row.q_feature, row.q_label, row.k_kind,
+               row.k_feature, row.k_label)  # fmt: skip
+        assert row.count == count[key]
+        assert row.n_prompts == len(prompts[key])
+        assert list(row.examples) == prompts[key][:2]
+        assert row.mean_term == pytest.approx(total[key] / count[key], rel=1e-12, abs=1e-12)
+        assert row.mean_share == pytest.approx(share[key] / count[key], rel=1e-9, abs=1e-12)
+        assert row.frac_pairs == pytest.approx(count[key] / len(pairs[(row.layer, row.head)]))
+    # the run wrote it, and its report names every head with pairs
+    saved = pd.read_parquet(tmp_path / "out" / "profile.parquet")
+    assert len(saved) == len(f)
+    html = (tmp_path / "out" / "report.html").read_text()
+    for layer, head in pairs:
+        assert f"L{layer}H{head} (" in html
+    top = profile.head(1, 0, top_k=1, features_only=True)
+    assert top.q_kind[0] == "feature" and top.k_kind[0] == "feature"
+    with pytest.raises(ValueError, match="no interactions for L1H9"):
+        profile.head(1, 9)

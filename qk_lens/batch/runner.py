@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from qk_lens.batch import executors
 from qk_lens.batch.config import RunConfig, check_against_model, table_layers
 from qk_lens.batch.inputs import load_model, read_prompts
+from qk_lens.batch.profile import qk_profile
 from qk_lens.batch.store import RunStore, read_part_meta
 from qk_lens.batch.work import Part, compute_part, prompt_tokens, split_parts
 
@@ -74,7 +75,8 @@ class RunResult:
         return (
             f"{self.n_prompts} prompts in {self.n_parts} parts: {self.parts_adopted} already "
             f"done, {self.parts_computed} computed in {self.seconds:.1f} s{retried}; "
-            f"{self.rows} rows -> {self.out / 'table'}"
+            f"{self.rows} rows -> {self.out / 'table'}; per-head QK profile -> "
+            f"{self.out / 'profile.parquet'} and {self.out / 'report.html'}"
         )
 
 
@@ -111,6 +113,11 @@ def run(
             bar.update(len(part.prompts))
     store.finish(len(p.parts))
     rows = sum(v["rows"] for v in store.manifest["parts"].values())
+    if store.manifest["complete"]:
+        profile = qk_profile(p.out)
+        profile.info = {"run": cfg.name, "model": cfg.model.name}
+        profile.save(p.out / "profile.parquet")
+        profile.report(f"QK profile: {cfg.name}").save(p.out / "report.html")
     seconds = time.perf_counter() - t0
     return RunResult(
         p.out, len(p.prompts), len(p.parts), len(done), computed, rows, seconds, len(retried)
