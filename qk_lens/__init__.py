@@ -39,9 +39,11 @@ from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_featu
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
 from qk_lens.moved import install as _install_moved_modules
 from qk_lens.sae_files import SavedSAE, load_sae, load_saved_sae
+from qk_lens.state import capture_scope
 from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
 
 __all__ = [
+    "capture_scope",
     "Capture",
     "CompletenessError",
     "Components",

@@ -91,6 +91,11 @@ class Capture:
         try:
             return self.acts[name]
         except KeyError:
+            if name.endswith(SQUARE_HOOKS):
+                raise KeyError(
+                    f"hook {name!r} was not recorded: this capture was made inside "
+                    "qk_lens.capture_scope(model, layers=...) for other layers"
+                ) from None
             raise KeyError(f"hook {name!r} was not recorded by the capture") from None
 
     def has(self, name: str) -> bool:
@@ -143,10 +148,26 @@ def recorder(
     return acts, [(lambda name: name in run_names, save)]
 
 
-def run_capture(model: Any, tokens: Int[Tensor, "pos"]) -> Capture:
-    """One forward pass with hooks recording what every explanation on this prompt needs."""
+# The hooks that hold a [head, q, k] tensor per layer: T² each, so at long context they are
+# most of a capture's memory (gpt2-small at 4096 tokens: 9.7 GB per kind over 12 layers).
+SQUARE_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
+
+def scoped_hooks(names: set[str], pattern_layers: frozenset[int] | None) -> set[str]:
+    """``names`` without the T² hooks of layers outside ``pattern_layers`` (None: all layers)."""
+    if pattern_layers is None:
+        return names
+    keep = {f"blocks.{layer}.{h}" for layer in pattern_layers for h in SQUARE_HOOKS}
+    return {n for n in names if not n.endswith(SQUARE_HOOKS) or n in keep}
+
+
+def run_capture(
+    model: Any, tokens: Int[Tensor, "pos"], pattern_layers: frozenset[int] | None = None
+) -> Capture:
+    """One forward pass with hooks recording what every explanation on this prompt needs
+    (the attention scores and patterns only of ``pattern_layers``, when given)."""
     arch = arch_of(model)
-    acts, record = recorder(model, arch.capture_hooks())
+    acts, record = recorder(model, scoped_hooks(arch.capture_hooks(), pattern_layers))
     with torch.no_grad(), arch.exact_forward():
         model.run_with_hooks(tokens[None].to(arch.device), fwd_hooks=record, return_type=None)
     # Drop the batch axis; q_norm/k_norm scales are flattened [batch*pos*head, 1].
@@ -191,12 +212,14 @@ class CaptureCache:
         arch = arch_of(model)
         return (tuple(tokens.tolist()), versions, arch.model_dtype, str(arch.device))
 
-    def get(self, model: Any, tokens: Tensor) -> Capture:
-        key = self._key(model, tokens)
+    def get(
+        self, model: Any, tokens: Tensor, pattern_layers: frozenset[int] | None = None
+    ) -> Capture:
+        key = (*self._key(model, tokens), pattern_layers)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        cap = run_capture(model, tokens)
+        cap = run_capture(model, tokens, pattern_layers)
         self._items[key] = cap
         while len(self._items) > self.max_size:
             self._items.popitem(last=False)

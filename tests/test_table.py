@@ -120,3 +120,51 @@ def test_chunks_and_progress_change_nothing(setup, capsys):
     pd.testing.assert_frame_equal(whole, chunked)
     n_pairs = whole.groupby(["head", "q_pos", "k_pos"]).ngroups
     assert f"{n_pairs}/{n_pairs}" in capsys.readouterr().err
+
+
+def test_streamed_chunks_are_the_table(setup):
+    """qk_attribution_table_chunks (what `qk-lens run` streams to Parquet) yields the table's
+    rows chunk by chunk, each chunk's pairs summing to their scores."""
+    import pandas as pd
+
+    from qk_lens.attribution import qk_attribution_table_chunks
+
+    model, tokens, layer, raw, _, _ = setup
+    whole = model.qk_attribution_table(tokens, layer, top_k=4, min_prob=0.02)
+    chunks = list(
+        qk_attribution_table_chunks(model, tokens, layer, top_k=4, min_prob=0.02, chunk_size=5)
+    )
+    assert len(chunks) >= 2
+    for c in chunks:
+        assert c.q_pos.max() - c.q_pos.min() < 5
+        sums = c.groupby(["head", "q_pos", "k_pos"]).term.sum()
+        for (h, q, k), s in sums.items():
+            assert abs(s - float(raw[h, q, k])) <= 1e-4 * max(1.0, abs(float(raw[h, q, k])))
+    pd.testing.assert_frame_equal(
+        pd.concat(chunks, ignore_index=True), whole, check_categorical=False
+    )
+
+
+def test_capture_scope_records_only_its_layers(setup):
+    """Inside capture_scope, captures hold those layers' [head, q, k] tensors only; the table of
+    such a layer is unchanged and another layer's pattern is a clear KeyError."""
+    import pandas as pd
+
+    from qk_lens.state import capture
+
+    model, tokens, layer, _, _, _ = setup
+    whole = model.qk_attribution_table(tokens, layer, top_k=4)
+    model.clear_qk_cache()
+    with qk_lens.capture_scope(model, [layer]):
+        scoped = model.qk_attribution_table(tokens, layer, top_k=4)
+        cap = capture(model, tokens)
+        recorded = {n for n in cap.acts if n.endswith("attn.hook_pattern")}
+        assert recorded == {f"blocks.{layer}.attn.hook_pattern"}
+        if layer > 0:
+            with pytest.raises(KeyError, match="capture_scope"):
+                cap.pattern(0)
+    pd.testing.assert_frame_equal(scoped, whole)
+    assert capture(model, tokens).has("blocks.0.attn.hook_pattern")  # outside: all layers again
+    with pytest.raises(ValueError, match="layer"):
+        with qk_lens.capture_scope(model, [99]):
+            pass

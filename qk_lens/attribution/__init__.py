@@ -15,7 +15,7 @@ from qk_lens.attribution.contrast import (
 )
 from qk_lens.attribution.projection import ProjectedSide, project_side
 from qk_lens.attribution.result import QKAttribution, QKAttributions
-from qk_lens.attribution.table import qk_attribution_table
+from qk_lens.attribution.table import qk_attribution_table, qk_attribution_table_chunks
 from qk_lens.attribution.terms import CompletenessError, tolerance
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "project_side",
     "qk_attribution",
     "qk_attribution_table",
+    "qk_attribution_table_chunks",
     "resolve_basis",
     "tolerance",
 ]

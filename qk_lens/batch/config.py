@@ -76,6 +76,8 @@ class TableSpec(Strict):
     min_prob: float = Field(default=0.05, ge=0.0, le=1.0)
     max_pairs: int | None = Field(default=None, gt=0)
     basis: Literal["dictionary", "upstream"] = "dictionary"
+    # query positions per chunk of rows: bounds what a long prompt holds at once
+    query_chunk: int = Field(default=256, gt=0)
 
     @field_validator("layers", "heads")
     @classmethod

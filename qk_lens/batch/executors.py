@@ -1,8 +1,11 @@
 """Who computes the parts: this process, worker processes here, or a Ray cluster.
 
-Every executor takes the parts still to do and yields ``(part, table)`` as each finishes; only
-the caller writes files, so a worker that dies mid-part leaves nothing behind. Workers load the
-model once. A part whose worker died is handed to a fresh worker, up to ``max_retries`` times.
+Every executor takes the parts still to do and yields ``(part, rows)`` as each part's file is
+in place. A worker streams its part into a temporary file and renames it when whole, so a
+worker that dies mid-part leaves no part behind (the caller records finished parts in the
+manifest). Workers load the model once. A part whose worker died is handed to a fresh worker,
+up to ``max_retries`` times. The output folder must be one every worker can write: this
+machine's disk for ``local``, a shared file system for a Ray cluster of several machines.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import multiprocessing
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 from qk_lens.batch.config import RunConfig
 from qk_lens.batch.inputs import load_model
-from qk_lens.batch.work import Part, compute_part
+from qk_lens.batch.store import write_part
+from qk_lens.batch.work import TABLE_SCHEMA, Part, part_tables
 
 
 class WorkerDied(RuntimeError):
@@ -29,29 +33,43 @@ class WorkerDied(RuntimeError):
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(cfg_json: str, threads: int | None) -> None:
+def init_worker(cfg_json: str, table_dir: str, config_hash: str, threads: int | None) -> None:
     """Load the model once per worker process."""
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
-    _WORKER["cfg"] = cfg
+    _WORKER.update(cfg=cfg, table_dir=table_dir, hash=config_hash)
     _WORKER["model"] = load_model(cfg.model, cfg.base_dir)
 
 
-def run_part(part: Part) -> tuple[int, pa.Table]:
-    return part.index, compute_part(_WORKER["model"], _WORKER["cfg"], part)
+def compute_and_write(
+    model: Any, cfg: RunConfig, table_dir: str, config_hash: str, part: Part
+) -> int:
+    tables = part_tables(model, cfg, part)
+    return write_part(
+        Path(table_dir), config_hash, part.index, part.first, len(part.prompts), tables,
+        TABLE_SCHEMA,
+    )  # fmt: skip
+
+
+def run_part(part: Part) -> tuple[int, int]:
+    w = _WORKER
+    return part.index, compute_and_write(w["model"], w["cfg"], w["table_dir"], w["hash"], part)
 
 
 # ------------------------------------------------------------------- executors
-def in_process(cfg: RunConfig, model: Any, parts: list[Part]) -> Iterator[tuple[Part, pa.Table]]:
+def in_process(
+    cfg: RunConfig, model: Any, parts: list[Part], table_dir: str, config_hash: str
+) -> Iterator[tuple[Part, int]]:
     """``workers: 0``: the caller's own model, one part after another."""
     for part in parts:
-        yield part, compute_part(model, cfg, part)
+        yield part, compute_and_write(model, cfg, table_dir, config_hash, part)
 
 
 def local(
-    cfg: RunConfig, parts: list[Part], on_retry: Callable[[Part], None] = lambda p: None
-) -> Iterator[tuple[Part, pa.Table]]:
+    cfg: RunConfig, parts: list[Part], table_dir: str, config_hash: str,
+    on_retry: Callable[[Part], None] = lambda p: None,
+) -> Iterator[tuple[Part, int]]:  # fmt: skip
     """Worker processes on this machine (spawned: no state inherited from the caller)."""
     ex = cfg.executor
     attempts = dict.fromkeys((p.index for p in parts), 0)
@@ -61,7 +79,7 @@ def local(
     while todo:
         pool = ProcessPoolExecutor(
             max(1, min(ex.workers, len(todo))), mp_context=ctx, initializer=init_worker,
-            initargs=(cfg.model_dump_json(), ex.threads_per_worker),
+            initargs=(cfg.model_dump_json(), table_dir, config_hash, ex.threads_per_worker),
         )  # fmt: skip
         futures = {pool.submit(run_part, p): p for p in todo}
         round_parts, todo = list(todo), []
@@ -70,9 +88,9 @@ def local(
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    _, table = fut.result()
+                    _, rows = fut.result()
                     done.add(futures[fut].index)
-                    yield futures[fut], table
+                    yield futures[fut], rows
         except BrokenProcessPool:
             # A worker died (killed, out of memory) and the pool with it: which part it was
             # working on is unknown, so every unfinished part counts a try and goes to a new pool.
@@ -91,8 +109,9 @@ def local(
 
 
 def ray_executor(
-    cfg: RunConfig, parts: list[Part], on_retry: Callable[[Part], None] = lambda p: None
-) -> Iterator[tuple[Part, pa.Table]]:
+    cfg: RunConfig, parts: list[Part], table_dir: str, config_hash: str,
+    on_retry: Callable[[Part], None] = lambda p: None,
+) -> Iterator[tuple[Part, int]]:  # fmt: skip
     """Ray actors, each holding the model: an embedded local cluster, or ``executor.address``."""
     try:
         import ray
@@ -109,7 +128,7 @@ def ray_executor(
             kwargs["num_cpus"] = max(1, ex.workers) * threads
         ray.init(address=ex.address, **kwargs)
     try:
-        yield from _ray_loop(ray, cfg, parts, on_retry)
+        yield from _ray_loop(ray, cfg, parts, (table_dir, config_hash), on_retry)
     finally:
         if started_here:
             ray.shutdown()
@@ -118,22 +137,23 @@ def ray_executor(
 class RayWorker:
     """A Ray actor: the model, loaded once; computes parts."""
 
-    def __init__(self, cfg_json: str, threads: int | None) -> None:
-        init_worker(cfg_json, threads)
+    def __init__(self, cfg_json: str, table_dir: str, config_hash: str, threads: int | None):
+        init_worker(cfg_json, table_dir, config_hash, threads)
 
-    def run(self, part: Part) -> tuple[int, pa.Table]:
+    def run(self, part: Part) -> tuple[int, int]:
         return run_part(part)
 
 
 def _ray_loop(
-    ray: Any, cfg: RunConfig, parts: list[Part], on_retry: Callable[[Part], None]
-) -> Iterator[tuple[Part, pa.Table]]:
+    ray: Any, cfg: RunConfig, parts: list[Part], where: tuple[str, str],
+    on_retry: Callable[[Part], None],
+) -> Iterator[tuple[Part, int]]:  # fmt: skip
     ex = cfg.executor
     threads = ex.threads_per_worker or 1
     actor_cls = ray.remote(num_cpus=threads)(RayWorker)
     cfg_json = cfg.model_dump_json()
     n = max(1, min(ex.workers, len(parts)))
-    actors = [actor_cls.remote(cfg_json, ex.threads_per_worker) for _ in range(n)]
+    actors = [actor_cls.remote(cfg_json, *where, ex.threads_per_worker) for _ in range(n)]
     todo = list(parts)
     attempts = {p.index: 0 for p in parts}
     running: dict[Any, tuple[Any, Part]] = {}  # ref -> (actor, part)
@@ -146,7 +166,7 @@ def _ray_loop(
         ref = ready[0]
         actor, part = running.pop(ref)
         try:
-            _, table = ray.get(ref)
+            _, rows = ray.get(ref)
         except ray.exceptions.RayActorError:
             on_retry(part)
             attempts[part.index] += 1
@@ -156,9 +176,9 @@ def _ray_loop(
                     f"(executor.max_retries = {ex.max_retries})"
                 ) from None
             todo.insert(0, part)
-            idle.append(actor_cls.remote(cfg_json, ex.threads_per_worker))  # a fresh worker
+            idle.append(actor_cls.remote(cfg_json, *where, ex.threads_per_worker))  # a fresh one
             continue
         idle.append(actor)
-        yield part, table
+        yield part, rows
     for actor in idle:
         ray.kill(actor)

@@ -99,16 +99,17 @@ def run(
     )  # fmt: skip
     ex = cfg.executor
     retried: list[int] = []
+    where = (str(store.table_dir), store.hash)
     if ex.kind == "ray":
-        stream = executors.ray_executor(cfg, todo, lambda part: retried.append(part.index))
+        stream = executors.ray_executor(cfg, todo, *where, lambda x: retried.append(x.index))
     elif ex.workers == 0:
-        stream = executors.in_process(cfg, p.model, todo)
+        stream = executors.in_process(cfg, p.model, todo, *where)
     else:
-        stream = executors.local(cfg, todo, lambda part: retried.append(part.index))
+        stream = executors.local(cfg, todo, *where, lambda x: retried.append(x.index))
     computed = 0
     with bar:
-        for part, table in stream:
-            store.write_part(part.index, part.first, len(part.prompts), table)
+        for part, rows in stream:
+            store.record_part(part.index, rows)
             computed += 1
             bar.update(len(part.prompts))
     store.finish(len(p.parts))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,25 +98,11 @@ class RunStore:
         self._save_manifest()
         return done
 
-    # ---------------------------------------------------------------- writing
-    def write_part(self, index: int, first: int, n_prompts: int, table: pa.Table) -> int:
-        """Write one part atomically, then record it in the manifest; returns its row count."""
-        meta = {
-            "config_hash": self.hash,
-            "part": str(index),
-            "first_prompt": str(first),
-            "n_prompts": str(n_prompts),
-            "rows": str(table.num_rows),
-        }
-        table = table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), b"qk_lens": json.dumps(meta).encode()}
-        )
-        path = self.table_dir / part_name(index)
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        self.manifest["parts"][part_name(index)] = {"rows": table.num_rows}
+    # ---------------------------------------------------------------- recording
+    def record_part(self, index: int, rows: int) -> None:
+        """Note a part its worker wrote (:func:`write_part`) in the manifest."""
+        self.manifest["parts"][part_name(index)] = {"rows": rows}
         self._save_manifest()
-        return table.num_rows
 
     def finish(self, n_parts: int) -> None:
         self.manifest["complete"] = len(self.manifest["parts"]) == n_parts
@@ -126,10 +113,33 @@ class RunStore:
         write_text(self.manifest_path, json.dumps(self.manifest, indent=1) + "\n")
 
 
+def write_part(
+    table_dir: Path, config_hash: str, index: int, first: int, n_prompts: int,
+    tables: Iterable[pa.Table], schema: pa.Schema,
+) -> int:  # fmt: skip
+    """Stream ``tables`` into part ``index`` under a temporary name, then rename it into place:
+    the part is whole or absent. Returns its row count."""
+    meta = {
+        "config_hash": config_hash,
+        "part": index,
+        "first_prompt": first,
+        "n_prompts": n_prompts,
+    }
+    path = Path(table_dir) / part_name(index)
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+            writer.add_key_value_metadata({"qk_lens": json.dumps({**meta, "rows": rows})})
+    return rows
+
+
 def read_part_meta(path: Path) -> dict[str, Any]:
     """The qk_lens metadata of a part file ({} if it has none or cannot be read)."""
     try:
-        raw = pq.read_schema(path).metadata or {}
+        raw = pq.read_metadata(path).metadata or {}
         return json.loads(raw.get(b"qk_lens", b"{}"))
     except (OSError, ValueError, pa.ArrowInvalid):
         return {}

@@ -6,6 +6,7 @@ computes them, so every executor writes the same dataset (with the same threads 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +14,10 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from qk_lens.attribution import qk_attribution_table_chunks
 from qk_lens.batch.config import RunConfig, table_layers
 from qk_lens.capture import prompt_to_tokens
-from qk_lens.state import capture_tokens
+from qk_lens.state import capture_scope, capture_tokens
 
 # The table's columns, in order, with the types every part is written with (a part with no
 # rows has the same schema as one with many).
@@ -90,30 +92,39 @@ def keep_top_pairs(df: pd.DataFrame, max_pairs: int | None) -> pd.DataFrame:
     return df.merge(keep[key], on=key, how="inner", sort=False)
 
 
-def compute_part(model: Any, cfg: RunConfig, part: Part) -> pa.Table:
-    """The table rows of every prompt of ``part`` (all the config's layers), as one Arrow table."""
+def part_tables(model: Any, cfg: RunConfig, part: Part) -> Iterator[pa.Table]:
+    """The rows of every prompt of ``part`` (all the config's layers), in chunks of
+    ``compute.table.query_chunk`` query positions: what is held at once is one chunk's rows."""
     t = cfg.compute.table
     layers = table_layers(cfg, model.cfg.n_layers)
-    frames = []
     for j, prompt in enumerate(part.prompts):
         tokens = prompt_tokens(model, prompt, cfg.prompts.max_tokens)
-        for layer in layers:
-            min_prob = pair_threshold(model, tokens, layer, t.heads, t.min_prob, t.max_pairs)
-            df = model.qk_attribution_table(
-                tokens, layer, heads=t.heads, top_k=t.top_k, min_prob=min_prob, basis=t.basis
-            )
-            df = keep_top_pairs(df, t.max_pairs)
-            df.insert(0, "prompt", part.first + j)
-            frames.append(df)
+        # only these layers' [head, q, k] scores and patterns are recorded (long prompts)
+        with capture_scope(model, layers):
+            for layer in layers:
+                min_prob = pair_threshold(model, tokens, layer, t.heads, t.min_prob, t.max_pairs)
+                chunks = qk_attribution_table_chunks(
+                    model, tokens, layer, heads=t.heads, top_k=t.top_k, min_prob=min_prob,
+                    basis=t.basis, chunk_size=t.query_chunk,
+                )  # fmt: skip
+                if t.max_pairs is not None:  # a per-prompt cut: the chunks are few then
+                    chunks = iter([keep_top_pairs(pd.concat(list(chunks)), t.max_pairs)])
+                for df in chunks:
+                    df.insert(0, "prompt", part.first + j)
+                    yield to_arrow([df])
         model.clear_qk_cache()  # one prompt at a time: memory stays flat over a long part
-    return to_arrow(frames)
+
+
+def compute_part(model: Any, cfg: RunConfig, part: Part) -> pa.Table:
+    """All of :func:`part_tables` as one table."""
+    tables = list(part_tables(model, cfg, part))
+    return pa.concat_tables(tables) if tables else TABLE_SCHEMA.empty_table()
 
 
 def to_arrow(frames: list[pd.DataFrame]) -> pa.Table:
     frames = [f for f in frames if len(f)]
     if not frames:
         return TABLE_SCHEMA.empty_table()
-    df = pd.concat(frames, ignore_index=True)
-    for col in ("q_kind", "q_label", "k_kind", "k_label"):
-        df[col] = df[col].astype(str)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df = df.astype({col: str for col in ("q_kind", "q_label", "k_kind", "k_label")})
     return pa.Table.from_pandas(df[TABLE_SCHEMA.names], schema=TABLE_SCHEMA, preserve_index=False)
