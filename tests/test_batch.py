@@ -307,3 +307,10 @@ def test_the_qk_profile_counts_what_the_rows_hold(tmp_path, reference) -> None:
     assert top.q_kind[0] == "feature" and top.k_kind[0] == "feature"
     with pytest.raises(ValueError, match="no interactions for L1H9"):
         profile.head(1, 9)
+    by_total = profile.head(1, 0, top_k=3, by="total")
+    totals = (by_total["count"] * by_total["mean_term"]).abs().tolist()
+    everything = f[(f["layer"] == 1) & (f["head"] == 0)]
+    assert totals == sorted(totals, reverse=True)
+    assert totals[0] == pytest.approx((everything["count"] * everything["mean_term"]).abs().max())
+    with pytest.raises(ValueError, match="by must be"):
+        profile.head(1, 0, by="size")

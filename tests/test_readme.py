@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from tests.readme import (
     DOCUMENTS,
+    ROOT,
     Block,
     blocks,
     command_blocks,
@@ -101,6 +103,8 @@ def test_online_block_runs_against_the_fake_hub(
 def test_command_transcript_is_what_the_command_prints(block: Block, tmp_path: Path) -> None:
     argv = shlex.split(block.command or "")
     assert argv[0] == "qk-lens", f"{block.name}: only qk-lens transcripts are checked"
+    if any(a.startswith("configs/") for a in argv):  # as from a clone's root
+        shutil.copytree(ROOT / "configs", tmp_path / "configs")
     proc = subprocess.run(
         [sys.executable, "-m", "qk_lens", *argv[1:]],
         cwd=tmp_path,

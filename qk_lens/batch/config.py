@@ -51,9 +51,11 @@ class ModelSpec(Strict):
 
 class PromptsSpec(Strict):
     """Exactly one of ``file`` (text: one prompt per line; ``.jsonl``: one object per line,
-    the prompt under ``field``) or ``dataset`` (a ``datasets`` dataset, online)."""
+    the prompt under ``field``), ``dataset`` (a ``datasets`` dataset: a hub name, online, or a
+    local folder) or ``texts`` (the prompts themselves, for small runs)."""
 
     file: str | None = None
+    texts: list[str] | None = None
     dataset: str | None = None
     dataset_config: str | None = None
     split: str = "train"
@@ -62,8 +64,12 @@ class PromptsSpec(Strict):
     max_tokens: int | None = Field(default=None, gt=1)
 
     def model_post_init(self, _: Any) -> None:
-        if (self.file is None) == (self.dataset is None):
-            raise ValueError("give exactly one of file (a .txt or .jsonl path) or dataset")
+        given = [k for k in ("file", "dataset", "texts") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of file (a .txt or .jsonl path), dataset or texts; got "
+                + (", ".join(given) or "none")
+            )
 
 
 class TableSpec(Strict):

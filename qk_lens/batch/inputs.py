@@ -49,7 +49,9 @@ def load_model(spec: ModelSpec, base_dir: str | Path = ".") -> Any:
 
 def read_prompts(spec: PromptsSpec, cfg: RunConfig) -> list[str]:
     """The prompts, in order (blank lines of a text file skipped), at most ``limit``."""
-    if spec.file is not None:
+    if spec.texts is not None:
+        prompts = list(spec.texts)
+    elif spec.file is not None:
         path = cfg.path(spec.file)
         lines = path.read_text(encoding="utf-8").splitlines()
         if path.suffix == ".jsonl":

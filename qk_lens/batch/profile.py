@@ -36,16 +36,24 @@ class QKProfile:
     info: dict[str, Any] = field(default_factory=dict)
 
     def head(
-        self, layer: int, head: int, top_k: int = 10, features_only: bool = False
-    ) -> pd.DataFrame:
-        """The head's most frequent interactions (then largest |mean term|)."""
+        self, layer: int, head: int, top_k: int = 10, features_only: bool = False,
+        by: str = "count",
+    ) -> pd.DataFrame:  # fmt: skip
+        """The head's top interactions: most frequent (``by="count"``, then largest |mean
+        term|), or largest total contribution over its pairs (``by="total"``: |count ×
+        mean term|)."""
+        if by not in ("count", "total"):
+            raise ValueError(f"by must be 'count' or 'total', got {by!r}")
         fr = self.frame
         f = fr[(fr["layer"] == layer) & (fr["head"] == head)]
         if f.empty:
             have = sorted(set(zip(fr["layer"], fr["head"], strict=True)))
             raise ValueError(f"no interactions for L{layer}H{head}; heads with some: {have}")
         if features_only:
-            f = f[(f.q_kind == "feature") & (f.k_kind == "feature")]
+            f = f[(f["q_kind"] == "feature") & (f["k_kind"] == "feature")]
+        if by == "total":
+            total = (f["count"] * f["mean_term"]).abs()
+            f = f.loc[total.sort_values(ascending=False, kind="stable").index]
         return f.head(top_k).reset_index(drop=True)
 
     def save(self, path: str | Path) -> Path:

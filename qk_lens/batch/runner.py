@@ -40,7 +40,7 @@ def prepare(cfg: RunConfig, out: str | Path | None = None) -> Prepared:
     dict_layers = list(model.qk_dictionaries)
     check_against_model(cfg, model.cfg.n_layers, n_heads, dict_layers)
     prompts = read_prompts(cfg.prompts, cfg)
-    root = Path(out) if out is not None else cfg.path(cfg.output.dir)
+    root = (Path(out) if out is not None else cfg.path(cfg.output.dir)).resolve()
     return Prepared(cfg, root, model, prompts, split_parts(prompts, cfg.output.chunk_size))
 
 
@@ -145,7 +145,7 @@ class Plan:
     def summary(self) -> str:
         return "\n".join(
             [
-                f"output: {self.out} ({self.parts_done} of {self.n_parts} parts already done)",
+                f"output: {self.out.resolve()} ({self.parts_done} of {self.n_parts} parts already done)",
                 f"prompts: {self.n_prompts} ({self.tokens} tokens), parts: {self.n_parts}",
                 f"layers: {self.layers}, heads per layer: {self.heads}",
                 f"(head, q, k) pairs: at most {self.pairs_bound} (every unmasked pair); "

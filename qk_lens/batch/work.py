@@ -50,7 +50,7 @@ class Part:
 
     index: int
     first: int
-    prompts: tuple[str, ...]
+    prompts: tuple[Any, ...]  # what prompt_to_tokens takes: text, or token ids
 
 
 def split_parts(prompts: list[str], chunk_size: int) -> list[Part]:
@@ -122,9 +122,19 @@ def compute_part(model: Any, cfg: RunConfig, part: Part) -> pa.Table:
 
 
 def to_arrow(frames: list[pd.DataFrame]) -> pa.Table:
+    """The rows as an Arrow table of :data:`TABLE_SCHEMA`; categorical columns (labels, kinds)
+    are decoded by Arrow, not through Python strings (millions of rows at long context)."""
     frames = [f for f in frames if len(f)]
     if not frames:
         return TABLE_SCHEMA.empty_table()
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df = df.astype({col: str for col in ("q_kind", "q_label", "k_kind", "k_label")})
-    return pa.Table.from_pandas(df[TABLE_SCHEMA.names], schema=TABLE_SCHEMA, preserve_index=False)
+    arrays = []
+    for fld in TABLE_SCHEMA:
+        col = df[fld.name]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            codes = pa.array(col.cat.codes.to_numpy(), type=pa.int32())
+            values = pa.array([str(c) for c in col.cat.categories], type=pa.string())
+            arrays.append(pa.DictionaryArray.from_arrays(codes, values).dictionary_decode())
+        else:
+            arrays.append(pa.array(col.to_numpy(), type=fld.type))
+    return pa.Table.from_arrays(arrays, schema=TABLE_SCHEMA)
