@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
@@ -131,10 +132,16 @@ def test_run_writes_what_the_table_gives(tmp_path, reference) -> None:
     assert ((sums.s - sums.t).abs() <= 1e-4 * sums.t.abs().clip(lower=1)).all()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["n_prompts"] == 6
-    assert sum(p["rows"] for p in manifest["parts"].values()) == len(got)
+    assert sum(p["table"] for p in manifest["parts"].values()) == len(got)
     assert manifest["versions"]["torch"] and manifest["model"]["n_layers"] == 2
     # a pyarrow dataset of the parts
     assert pads.dataset(tmp_path / "out" / "table").count_rows() == len(got)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "profile.parquet",
+        "report.html",
+        "table",
+    ]
     # a second run adopts everything and computes nothing
     again = run(cfg, progress=False)
     assert (again.parts_adopted, again.parts_computed) == (3, 0)
@@ -166,7 +173,7 @@ def test_a_changed_config_refuses_to_mix(tmp_path) -> None:
 def test_dry_run_plans_without_writing(tmp_path) -> None:
     p = plan(load_config(write_config(tmp_path)))
     assert (p.n_prompts, p.n_parts, p.parts_done, p.layers, p.heads) == (6, 3, 0, [1], 4)
-    assert 0 < p.est_pairs <= p.pairs_bound and p.est_rows > 0 and p.est_bytes > 0
+    assert 0 < p.est_pairs <= p.pairs_bound and p.est_rows["table"] > 0 and p.est_bytes > 0
     assert not (tmp_path / "out").exists()
     assert "estimated rows" in p.summary()
 
@@ -314,3 +321,64 @@ def test_the_qk_profile_counts_what_the_rows_hold(tmp_path, reference) -> None:
     assert totals[0] == pytest.approx((everything["count"] * everything["mean_term"]).abs().max())
     with pytest.raises(ValueError, match="by must be"):
         profile.head(1, 0, by="size")
+
+
+def test_graphs_and_head_loadings_per_prompt(tmp_path) -> None:
+    """The graph datasets hold each prompt's graph and its loadings, equal to the methods'."""
+    from qk_lens import toy
+
+    cfg = load_config(
+        write_config(
+            tmp_path, compute={"graphs": {"max_n_logits": 2, "min_abs_loading": 0.0}},
+            output__chunk_size=4,
+        )
+    )  # fmt: skip
+    result = run(cfg, progress=False)
+    assert result.n_parts == 2
+    nodes = read_table(tmp_path / "out", "graph_nodes")
+    edges = read_table(tmp_path / "out", "graph_edges")
+    loads = read_table(tmp_path / "out", "head_loadings")
+    model = toy.load("attn2-ln")
+    for i in (0, 5):
+        g = model.attribution_graph(PROMPTS[i], max_n_logits=2)
+        hl = model.head_loadings(g)
+        mine = edges[edges.prompt == i].drop(columns="prompt").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, g.edges.reset_index(drop=True), check_dtype=False)
+        assert len(nodes[nodes.prompt == i]) == len(g.nodes)
+        want = hl.frame()
+        got = loads[loads.prompt == i].reset_index(drop=True)
+        np.testing.assert_allclose(got.loading, want.loading, rtol=0, atol=0)
+        # residual + mlp + Σ heads = the edge's weight, from the written rows alone
+        per_edge = got.groupby("edge").loading.sum().to_numpy()
+        np.testing.assert_allclose(per_edge, mine.weight.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "out" / "table").exists()
+
+
+def test_steering_sweeps_per_prompt(tmp_path) -> None:
+    """A sweep's rows equal steer_qk_sweep's; prompts where the feature is inactive get none."""
+    from qk_lens import toy
+
+    model = toy.load("attn2-ln")
+    attr = model.qk_attribution(PROMPTS[0], 1, 0, q_pos=-1, k_pos=None)
+    best = attr[int(attr.probs.argmax())].top(top_k=1)
+    feature = int(best["k_feature"].iloc[0])
+    spec = {"layer": 1, "head": 0, "feature": feature, "scales": [0.0, 2.0]}
+    cfg = load_config(write_config(tmp_path, compute={"steering": [spec]}))
+    run(cfg, progress=False)
+    got = read_table(tmp_path / "out", "steering")
+    active = set(got.prompt)
+    assert 0 in active
+    for i, prompt in enumerate(PROMPTS):
+        if i not in active:
+            with pytest.raises(ValueError, match="not active"):
+                model.steer_qk_sweep(prompt, 1, 0, feature, scales=[0.0])
+            continue
+        sw = model.steer_qk_sweep(prompt, 1, 0, feature, scales=[0.0, 2.0])
+        want = sw.frame()
+        mine = got[got.prompt == i].reset_index(drop=True)
+        np.testing.assert_allclose(mine.score_after, want["L1H0 score"], rtol=0, atol=0)
+        np.testing.assert_allclose(mine.prob_after, want["L1H0 prob"], rtol=0, atol=0)
+        assert list(mine.top_after) == list(want.top_after)
+    cfg = load_config(write_config(tmp_path, compute={"steering": [{**spec, "feature": 10_000}]}))
+    with pytest.raises(ConfigError, match=r"steering\[0\]\.feature: feature 10000 is out of range"):
+        run(cfg, progress=False)

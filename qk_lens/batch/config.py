@@ -96,8 +96,47 @@ class TableSpec(Strict):
         return v
 
 
+class GraphSpec(Strict):
+    """``attribution_graph`` + ``head_loadings`` per prompt (residual dictionaries at every
+    layer 1..n−1): nodes, edges and each edge's residual / MLP / per-head split."""
+
+    targets: list[str | int] | None = None  # None: the top predictions, as circuit-tracer picks
+    target_pos: int = -1
+    max_n_logits: int = Field(default=10, gt=0)
+    desired_logit_prob: float = Field(default=0.95, gt=0.0, le=1.0)
+    readout: Literal["encoder", "decoder"] = "encoder"
+    node_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    edge_threshold: float = Field(default=0.98, gt=0.0, le=1.0)
+    max_feature_nodes: int | None = Field(default=None, ge=0)
+    through_mlp: bool = True
+    min_abs_loading: float = Field(default=0.0, ge=0.0)
+
+
+class SteeringSpec(Strict):
+    """``steer_qk_sweep`` of one feature inside one head, per prompt where the feature is
+    active (prompts where it is not get no rows): score, attention and predictions per scale."""
+
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0)
+    feature: int = Field(ge=0)
+    side: Literal["key", "query"] = "key"
+    scales: list[float] = Field(min_length=1)
+
+
 class ComputeSpec(Strict):
-    table: TableSpec
+    table: TableSpec | None = None
+    graphs: GraphSpec | None = None
+    steering: list[SteeringSpec] = []
+
+    def model_post_init(self, _: Any) -> None:
+        if self.table is None and self.graphs is None and not self.steering:
+            raise ValueError("nothing to compute: give table, graphs and/or steering")
+
+    def datasets(self) -> list[str]:
+        """The output datasets (a folder of parts each) this computes."""
+        out = ["table"] if self.table is not None else []
+        out += ["graph_nodes", "graph_edges", "head_loadings"] if self.graphs is not None else []
+        return out + (["steering"] if self.steering else [])
 
 
 class OutputSpec(Strict):
@@ -212,10 +251,47 @@ def check_files(cfg: RunConfig, source: str) -> None:
 
 
 def check_against_model(
-    cfg: RunConfig, n_layers: int, n_heads: int, dict_layers: list[int]
+    cfg: RunConfig, n_layers: int, n_heads: int, dict_sizes: dict[int, int]
 ) -> None:
-    """Layers and heads in range, and a dictionary for every layer the dictionary basis reads."""
-    t = cfg.compute.table
+    """Layers, heads and features in range, and a dictionary wherever one is read
+    (``dict_sizes``: the model's dictionaries, {layer: number of features})."""
+    problems = []
+    if cfg.compute.table is not None:
+        problems += _table_problems(cfg.compute.table, n_layers, n_heads, list(dict_sizes))
+    if cfg.compute.graphs is not None:
+        missing = [layer for layer in range(1, n_layers) if layer not in dict_sizes]
+        if missing:
+            problems.append(
+                f"  compute.graphs: a graph needs a residual dictionary at every layer "
+                f"1..{n_layers - 1}; layers {missing} have none"
+            )
+    for i, st in enumerate(cfg.compute.steering):
+        where = f"  compute.steering[{i}]"
+        if st.layer >= n_layers:
+            problems.append(
+                f"{where}.layer: layer {st.layer} is out of range: the model has {n_layers} "
+                f"layers (0..{n_layers - 1})"
+            )
+        elif st.layer not in dict_sizes:
+            problems.append(
+                f"{where}.layer: layer {st.layer} has no dictionary (layers with one: "
+                f"{sorted(dict_sizes) or 'none'})"
+            )
+        elif st.feature >= dict_sizes[st.layer]:
+            problems.append(
+                f"{where}.feature: feature {st.feature} is out of range: layer {st.layer}'s "
+                f"dictionary has {dict_sizes[st.layer]} features"
+            )
+        if st.head >= n_heads:
+            problems.append(
+                f"{where}.head: head {st.head} is out of range: the model has {n_heads} heads "
+                f"per layer (0..{n_heads - 1})"
+            )
+    if problems:
+        raise ConfigError(f"{cfg.name}: {len(problems)} problem(s):\n" + "\n".join(problems))
+
+
+def _table_problems(t: TableSpec, n_layers: int, n_heads: int, dict_layers: list[int]) -> list[str]:
     layers = list(range(n_layers)) if t.layers == "all" else t.layers
     problems = []
     for i, layer in enumerate(layers):
@@ -236,10 +312,11 @@ def check_against_model(
                 f"  compute.table.heads[{i}]: head {h} is out of range: the model has {n_heads} "
                 f"heads per layer (0..{n_heads - 1})"
             )
-    if problems:
-        raise ConfigError(f"{cfg.name}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    return problems
 
 
 def table_layers(cfg: RunConfig, n_layers: int) -> list[int]:
     t = cfg.compute.table
+    if t is None:
+        return []
     return list(range(n_layers)) if t.layers == "all" else list(t.layers)

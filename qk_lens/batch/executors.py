@@ -22,7 +22,7 @@ import torch
 from qk_lens.batch.config import RunConfig
 from qk_lens.batch.inputs import load_model
 from qk_lens.batch.store import write_part
-from qk_lens.batch.work import TABLE_SCHEMA, Part, part_tables
+from qk_lens.batch.work import SCHEMAS, Part, part_tables
 
 
 class WorkerDied(RuntimeError):
@@ -33,43 +33,44 @@ class WorkerDied(RuntimeError):
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(cfg_json: str, table_dir: str, config_hash: str, threads: int | None) -> None:
+def init_worker(cfg_json: str, root: str, config_hash: str, threads: int | None) -> None:
     """Load the model once per worker process."""
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
-    _WORKER.update(cfg=cfg, table_dir=table_dir, hash=config_hash)
+    _WORKER.update(cfg=cfg, root=root, hash=config_hash)
     _WORKER["model"] = load_model(cfg.model, cfg.base_dir)
 
 
 def compute_and_write(
-    model: Any, cfg: RunConfig, table_dir: str, config_hash: str, part: Part
-) -> int:
+    model: Any, cfg: RunConfig, root: str, config_hash: str, part: Part
+) -> dict[str, int]:
+    """Compute part ``part`` and write every dataset's file of it; rows per dataset."""
+    schemas = {name: SCHEMAS[name] for name in cfg.compute.datasets()}
     tables = part_tables(model, cfg, part)
     return write_part(
-        Path(table_dir), config_hash, part.index, part.first, len(part.prompts), tables,
-        TABLE_SCHEMA,
-    )  # fmt: skip
+        Path(root), config_hash, part.index, part.first, len(part.prompts), tables, schemas
+    )
 
 
-def run_part(part: Part) -> tuple[int, int]:
+def run_part(part: Part) -> tuple[int, dict[str, int]]:
     w = _WORKER
-    return part.index, compute_and_write(w["model"], w["cfg"], w["table_dir"], w["hash"], part)
+    return part.index, compute_and_write(w["model"], w["cfg"], w["root"], w["hash"], part)
 
 
 # ------------------------------------------------------------------- executors
 def in_process(
-    cfg: RunConfig, model: Any, parts: list[Part], table_dir: str, config_hash: str
-) -> Iterator[tuple[Part, int]]:
+    cfg: RunConfig, model: Any, parts: list[Part], root: str, config_hash: str
+) -> Iterator[tuple[Part, dict[str, int]]]:
     """``workers: 0``: the caller's own model, one part after another."""
     for part in parts:
-        yield part, compute_and_write(model, cfg, table_dir, config_hash, part)
+        yield part, compute_and_write(model, cfg, root, config_hash, part)
 
 
 def local(
-    cfg: RunConfig, parts: list[Part], table_dir: str, config_hash: str,
+    cfg: RunConfig, parts: list[Part], root: str, config_hash: str,
     on_retry: Callable[[Part], None] = lambda p: None,
-) -> Iterator[tuple[Part, int]]:  # fmt: skip
+) -> Iterator[tuple[Part, dict[str, int]]]:  # fmt: skip
     """Worker processes on this machine (spawned: no state inherited from the caller)."""
     ex = cfg.executor
     attempts = dict.fromkeys((p.index for p in parts), 0)
@@ -79,7 +80,7 @@ def local(
     while todo:
         pool = ProcessPoolExecutor(
             max(1, min(ex.workers, len(todo))), mp_context=ctx, initializer=init_worker,
-            initargs=(cfg.model_dump_json(), table_dir, config_hash, ex.threads_per_worker),
+            initargs=(cfg.model_dump_json(), root, config_hash, ex.threads_per_worker),
         )  # fmt: skip
         futures = {pool.submit(run_part, p): p for p in todo}
         round_parts, todo = list(todo), []
@@ -109,9 +110,9 @@ def local(
 
 
 def ray_executor(
-    cfg: RunConfig, parts: list[Part], table_dir: str, config_hash: str,
+    cfg: RunConfig, parts: list[Part], root: str, config_hash: str,
     on_retry: Callable[[Part], None] = lambda p: None,
-) -> Iterator[tuple[Part, int]]:  # fmt: skip
+) -> Iterator[tuple[Part, dict[str, int]]]:  # fmt: skip
     """Ray actors, each holding the model: an embedded local cluster, or ``executor.address``."""
     try:
         import ray
@@ -128,7 +129,7 @@ def ray_executor(
             kwargs["num_cpus"] = max(1, ex.workers) * threads
         ray.init(address=ex.address, **kwargs)
     try:
-        yield from _ray_loop(ray, cfg, parts, (table_dir, config_hash), on_retry)
+        yield from _ray_loop(ray, cfg, parts, (root, config_hash), on_retry)
     finally:
         if started_here:
             ray.shutdown()
@@ -137,17 +138,17 @@ def ray_executor(
 class RayWorker:
     """A Ray actor: the model, loaded once; computes parts."""
 
-    def __init__(self, cfg_json: str, table_dir: str, config_hash: str, threads: int | None):
-        init_worker(cfg_json, table_dir, config_hash, threads)
+    def __init__(self, cfg_json: str, root: str, config_hash: str, threads: int | None):
+        init_worker(cfg_json, root, config_hash, threads)
 
-    def run(self, part: Part) -> tuple[int, int]:
+    def run(self, part: Part) -> tuple[int, dict[str, int]]:
         return run_part(part)
 
 
 def _ray_loop(
     ray: Any, cfg: RunConfig, parts: list[Part], where: tuple[str, str],
     on_retry: Callable[[Part], None],
-) -> Iterator[tuple[Part, int]]:  # fmt: skip
+) -> Iterator[tuple[Part, dict[str, int]]]:  # fmt: skip
     ex = cfg.executor
     threads = ex.threads_per_worker or 1
     actor_cls = ray.remote(num_cpus=threads)(RayWorker)

@@ -20,7 +20,7 @@ from qk_lens.batch import executors
 from qk_lens.batch.config import RunConfig, check_against_model, table_layers
 from qk_lens.batch.inputs import load_model, read_prompts
 from qk_lens.batch.profile import qk_profile
-from qk_lens.batch.store import RunStore, read_part_meta
+from qk_lens.batch.store import RunStore, part_name, read_part_meta
 from qk_lens.batch.work import Part, compute_part, prompt_tokens, split_parts
 
 
@@ -37,8 +37,8 @@ def prepare(cfg: RunConfig, out: str | Path | None = None) -> Prepared:
     """Load and check everything a run needs, before any work."""
     model = load_model(cfg.model, cfg.base_dir)
     n_heads = model.cfg.n_heads
-    dict_layers = list(model.qk_dictionaries)
-    check_against_model(cfg, model.cfg.n_layers, n_heads, dict_layers)
+    sizes = {layer: int(d.sae.W_dec.shape[0]) for layer, d in model.qk_dictionaries.items()}
+    check_against_model(cfg, model.cfg.n_layers, n_heads, sizes)
     prompts = read_prompts(cfg.prompts, cfg)
     root = (Path(out) if out is not None else cfg.path(cfg.output.dir)).resolve()
     return Prepared(cfg, root, model, prompts, split_parts(prompts, cfg.output.chunk_size))
@@ -72,11 +72,16 @@ class RunResult:
 
     def summary(self) -> str:
         retried = f" ({self.retries} redone after a worker died)" if self.retries else ""
+        profile = (
+            f"; per-head QK profile -> {self.out / 'profile.parquet'} and "
+            f"{self.out / 'report.html'}"
+            if (self.out / "profile.parquet").is_file()
+            else ""
+        )
         return (
             f"{self.n_prompts} prompts in {self.n_parts} parts: {self.parts_adopted} already "
             f"done, {self.parts_computed} computed in {self.seconds:.1f} s{retried}; "
-            f"{self.rows} rows -> {self.out / 'table'}; per-head QK profile -> "
-            f"{self.out / 'profile.parquet'} and {self.out / 'report.html'}"
+            f"{self.rows} rows -> {self.out}{profile}"
         )
 
 
@@ -99,7 +104,7 @@ def run(
     )  # fmt: skip
     ex = cfg.executor
     retried: list[int] = []
-    where = (str(store.table_dir), store.hash)
+    where = (str(store.root), store.hash)
     if ex.kind == "ray":
         stream = executors.ray_executor(cfg, todo, *where, lambda x: retried.append(x.index))
     elif ex.workers == 0:
@@ -113,8 +118,8 @@ def run(
             computed += 1
             bar.update(len(part.prompts))
     store.finish(len(p.parts))
-    rows = sum(v["rows"] for v in store.manifest["parts"].values())
-    if store.manifest["complete"]:
+    rows = sum(sum(v.values()) for v in store.manifest["parts"].values())
+    if store.manifest["complete"] and cfg.compute.table is not None:
         profile = qk_profile(p.out)
         profile.info = {"run": cfg.name, "model": cfg.model.name}
         profile.save(p.out / "profile.parquet")
@@ -133,62 +138,79 @@ class Plan:
     n_prompts: int
     n_parts: int
     parts_done: int
+    datasets: list[str]
     layers: list[int]
     heads: int
     tokens: int
     pairs_bound: int
     sample_prompts: int
     est_pairs: float
-    est_rows: float
+    est_rows: dict[str, float]
     est_bytes: float
 
     def summary(self) -> str:
-        return "\n".join(
-            [
-                f"output: {self.out.resolve()} ({self.parts_done} of {self.n_parts} parts already done)",
-                f"prompts: {self.n_prompts} ({self.tokens} tokens), parts: {self.n_parts}",
+        lines = [
+            f"output: {self.out} ({self.parts_done} of {self.n_parts} parts already done)",
+            f"prompts: {self.n_prompts} ({self.tokens} tokens), parts: {self.n_parts}",
+        ]
+        if "table" in self.datasets:
+            lines += [
                 f"layers: {self.layers}, heads per layer: {self.heads}",
                 f"(head, q, k) pairs: at most {self.pairs_bound} (every unmasked pair); "
                 f"estimated {self.est_pairs:,.0f} above the attention threshold",
-                f"estimated rows: {self.est_rows:,.0f}, estimated Parquet size: "
-                f"{self.est_bytes / 2**20:,.1f} MiB (from the first {self.sample_prompts} "
-                "prompt(s), computed now)",
             ]
+        rows = ", ".join(f"{n} {r:,.0f}" for n, r in self.est_rows.items())
+        lines.append(
+            f"estimated rows: {rows}; estimated Parquet size: {self.est_bytes / 2**20:,.1f} MiB "
+            f"(from the first {self.sample_prompts} prompt(s), computed now)"
         )
+        return "\n".join(lines)
 
 
 def plan(cfg: RunConfig, out: str | Path | None = None, sample: int = 2) -> Plan:
-    """The plan of a run, with rows and bytes extrapolated from the first ``sample`` prompts."""
+    """The plan of a run, with rows and bytes extrapolated from the first ``sample`` prompts:
+    table pairs by the sample's share of unmasked pairs above the threshold, other datasets
+    per prompt."""
     p = prepare(cfg, out)
     t = cfg.compute.table
     layers = table_layers(cfg, p.model.cfg.n_layers)
-    heads = len(t.heads) if t.heads is not None else p.model.cfg.n_heads
+    heads = (len(t.heads) if t.heads is not None else p.model.cfg.n_heads) if t else 0
     lengths = [len(prompt_tokens(p.model, s, cfg.prompts.max_tokens)) for s in p.prompts]
-    bound = sum(n * (n + 1) // 2 for n in lengths) * heads * len(layers)
-    if t.max_pairs is not None:
-        bound = min(bound, len(p.prompts) * len(layers) * t.max_pairs)
     k = min(sample, len(p.prompts))
-    table = compute_part(p.model, cfg, Part(0, 0, tuple(p.prompts[:k])))
-    sample_bound = sum(n * (n + 1) // 2 for n in lengths[:k]) * heads * len(layers)
-    sample_pairs = len(
-        table.to_pandas()[["prompt", "layer", "head", "q_pos", "k_pos"]].drop_duplicates()
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    frac = sample_pairs / max(sample_bound, 1)
-    rows_per_pair = table.num_rows / max(sample_pairs, 1)
-    est_pairs = frac * sum(n * (n + 1) // 2 for n in lengths) * heads * len(layers)
-    if t.max_pairs is not None:
-        est_pairs = min(est_pairs, bound)
-    est_rows = est_pairs * rows_per_pair
-    bytes_per_row = buf.tell() / max(table.num_rows, 1)
+    tables = compute_part(p.model, cfg, Part(0, 0, tuple(p.prompts[:k])))
+
+    def unmasked(ls: list[int]) -> int:
+        return sum(n * (n + 1) // 2 for n in ls) * heads * len(layers)
+
+    bound, est_pairs = unmasked(lengths), 0.0
+    est_rows: dict[str, float] = {}
+    est_bytes = 0.0
+    for name, table in tables.items():
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        per_row = buf.tell() / max(table.num_rows, 1)
+        if name == "table":
+            keys = ["prompt", "layer", "head", "q_pos", "k_pos"]
+            sample_pairs = len(table.select(keys).to_pandas().drop_duplicates())
+            est_pairs = sample_pairs / max(unmasked(lengths[:k]), 1) * bound
+            if t is not None and t.max_pairs is not None:
+                bound = min(bound, len(p.prompts) * len(layers) * t.max_pairs)
+                est_pairs = min(est_pairs, bound)
+            est_rows[name] = est_pairs * table.num_rows / max(sample_pairs, 1)
+        else:
+            est_rows[name] = table.num_rows * len(p.prompts) / k
+        est_bytes += est_rows[name] * per_row
     this = cfg.result_hash()
+    datasets = cfg.compute.datasets()
     parts_done = sum(
         1
-        for f in (p.out / "table").glob("part-*.parquet")
-        if read_part_meta(f).get("config_hash") == this
+        for part in p.parts
+        if all(
+            read_part_meta(p.out / n / part_name(part.index)).get("config_hash") == this
+            for n in datasets
+        )
     )
     return Plan(
-        p.out, len(p.prompts), len(p.parts), parts_done, layers, heads, sum(lengths), bound, k,
-        est_pairs, est_rows, est_rows * bytes_per_row,
+        p.out, len(p.prompts), len(p.parts), parts_done, datasets, layers, heads, sum(lengths),
+        bound, k, est_pairs, est_rows, est_bytes,
     )  # fmt: skip

@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import shutil
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from qk_lens.files import atomic_path, write_text
 
 FORMAT = "qk_lens.run/1"
 PART_GLOB = "part-*.parquet"
+# every dataset a run can write, one folder each
+DATASETS = ("table", "graph_nodes", "graph_edges", "head_loadings", "steering")
 
 
 def part_name(index: int) -> str:
@@ -52,7 +55,7 @@ class RunStore:
         self.root = Path(root)
         self.cfg = cfg
         self.hash = cfg.result_hash()
-        self.table_dir = self.root / "table"
+        self.datasets = cfg.compute.datasets()
         self.manifest_path = self.root / "manifest.json"
         self.manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -68,22 +71,25 @@ class RunStore:
         }
 
     # ---------------------------------------------------------------- opening, resuming
-    def open(self, overwrite: bool = False) -> dict[int, int]:
-        """Create or resume the folder; the parts already done, {index: rows}."""
-        self.table_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.table_dir.glob(".*.tmp"):
-            tmp.unlink()  # a temporary part of a killed run: never renamed, so never counted
+    def open(self, overwrite: bool = False) -> dict[int, dict[str, int]]:
+        """Create or resume the folder; the parts already done, {index: {dataset: rows}}."""
         old_hash = None
         if self.manifest_path.is_file():
             old_hash = json.loads(self.manifest_path.read_text()).get("config_hash")
         foreign = old_hash is not None and old_hash != self.hash
-        done: dict[int, int] = {}
-        for path in sorted(self.table_dir.glob(PART_GLOB)):
-            meta = read_part_meta(path)
-            if meta.get("config_hash") != self.hash:
-                foreign = True
+        found: dict[int, dict[str, int]] = {}
+        for name in DATASETS:
+            folder = self.root / name
+            if not folder.is_dir():
                 continue
-            done[int(meta["part"])] = int(meta["rows"])
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink()  # a temporary file of a killed run: never renamed, never counted
+            for path in sorted(folder.glob(PART_GLOB)):
+                meta = read_part_meta(path)
+                if meta.get("config_hash") != self.hash or name not in self.datasets:
+                    foreign = True
+                    continue
+                found.setdefault(int(meta["part"]), {})[name] = int(meta["rows"])
         if foreign:
             if not overwrite:
                 raise ConfigError(
@@ -91,17 +97,21 @@ class RunStore:
                     f"this config's is {self.hash}): they would mix. Rerun with --overwrite to "
                     "discard them, or give another --out"
                 )
-            shutil.rmtree(self.table_dir)
-            self.table_dir.mkdir(parents=True)
-            done = {}
-        self.manifest["parts"] = {part_name(i): {"rows": r} for i, r in sorted(done.items())}
+            for name in DATASETS:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+            found = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        # done: every dataset's file of the part is there (a part killed between two renames
+        # is redone whole)
+        done = {i: rows for i, rows in found.items() if set(rows) == set(self.datasets)}
+        self.manifest["parts"] = {part_name(i): rows for i, rows in sorted(done.items())}
         self._save_manifest()
         return done
 
     # ---------------------------------------------------------------- recording
-    def record_part(self, index: int, rows: int) -> None:
+    def record_part(self, index: int, rows: dict[str, int]) -> None:
         """Note a part its worker wrote (:func:`write_part`) in the manifest."""
-        self.manifest["parts"][part_name(index)] = {"rows": rows}
+        self.manifest["parts"][part_name(index)] = rows
         self._save_manifest()
 
     def finish(self, n_parts: int) -> None:
@@ -114,25 +124,31 @@ class RunStore:
 
 
 def write_part(
-    table_dir: Path, config_hash: str, index: int, first: int, n_prompts: int,
-    tables: Iterable[pa.Table], schema: pa.Schema,
-) -> int:  # fmt: skip
-    """Stream ``tables`` into part ``index`` under a temporary name, then rename it into place:
-    the part is whole or absent. Returns its row count."""
+    root: Path, config_hash: str, index: int, first: int, n_prompts: int,
+    tables: Iterable[tuple[str, pa.Table]], schemas: dict[str, pa.Schema],
+) -> dict[str, int]:  # fmt: skip
+    """Stream ``(dataset, rows)`` into part ``index`` of each dataset (``root/DATASET/``) under
+    temporary names, renamed into place once every dataset's file is complete: each file is
+    whole or absent, and a part counts as done only when all its datasets' files are there.
+    Returns the rows written per dataset."""
     meta = {
         "config_hash": config_hash,
         "part": index,
         "first_prompt": first,
         "n_prompts": n_prompts,
     }
-    path = Path(table_dir) / part_name(index)
-    rows = 0
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for table in tables:
-                writer.write_table(table)
-                rows += table.num_rows
-            writer.add_key_value_metadata({"qk_lens": json.dumps({**meta, "rows": rows})})
+    rows = dict.fromkeys(schemas, 0)
+    with ExitStack() as stack:
+        writers = {}
+        for name, schema in schemas.items():
+            (Path(root) / name).mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(atomic_path(Path(root) / name / part_name(index)))
+            writers[name] = stack.enter_context(pq.ParquetWriter(tmp, schema))
+        for name, table in tables:
+            writers[name].write_table(table)
+            rows[name] += table.num_rows
+        for name, writer in writers.items():
+            writer.add_key_value_metadata({"qk_lens": json.dumps({**meta, "rows": rows[name]})})
     return rows
 
 
@@ -145,11 +161,14 @@ def read_part_meta(path: Path) -> dict[str, Any]:
         return {}
 
 
-def read_table(root: str | Path) -> Any:
-    """The whole table of a run folder as one DataFrame, parts in order."""
+def read_table(root: str | Path, dataset: str = "table") -> Any:
+    """One dataset of a run folder (``table``, ``graph_nodes``, ``graph_edges``,
+    ``head_loadings``, ``steering``) as one DataFrame, parts in order."""
     import pandas as pd
 
-    parts = sorted((Path(root) / "table").glob(PART_GLOB))
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    parts = sorted((Path(root) / dataset).glob(PART_GLOB))
     if not parts:
-        raise FileNotFoundError(f"{root} has no parts (table/{PART_GLOB})")
+        raise FileNotFoundError(f"{root} has no parts ({dataset}/{PART_GLOB})")
     return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)

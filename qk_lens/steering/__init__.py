@@ -40,11 +40,13 @@ Architecture notes (documented choices):
   at its clean value: the seed's control for the hydra effect.
 """
 
+from qk_lens.steering.edits import FeatureNotActive
 from qk_lens.steering.qk import steer_qk, steer_qk_sweep
 from qk_lens.steering.resid import steer_resid
 from qk_lens.steering.results import QKSteering, QKSteeringSweep, ResidSteering
 
 __all__ = [
+    "FeatureNotActive",
     "QKSteering",
     "QKSteeringSweep",
     "ResidSteering",

@@ -196,6 +196,10 @@ def plan_edits(
     return EditPlan(edits, torch.tensor(positions, dtype=torch.long), delta)
 
 
+class FeatureNotActive(ValueError):
+    """A steered feature is not active where it is steered: scaling it would change nothing."""
+
+
 def check_active(groups: KeyGroups, coeffs: dict, d: Any) -> None:
     """Scaling features inactive everywhere a key names changes nothing: say so."""
     for key, named in groups:
@@ -210,7 +214,7 @@ def check_active(groups: KeyGroups, coeffs: dict, d: Any) -> None:
             if len(feats) == 1
             else (f"features {feats[:8]} ({key!r})")
         )
-        raise ValueError(
+        raise FeatureNotActive(
             f"{what} is not active at the steered position(s) {pos[:12]} ({where}), so scaling "
             f"changes nothing; steer where it is active, or inject with add={{{feats[0]}: "
             "coefficient}"
