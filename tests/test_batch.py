@@ -134,6 +134,7 @@ def test_run_writes_what_the_table_gives(tmp_path, reference) -> None:
     assert manifest["complete"] and manifest["n_prompts"] == 6
     assert sum(p["table"] for p in manifest["parts"].values()) == len(got)
     assert manifest["versions"]["torch"] and manifest["model"]["n_layers"] == 2
+    assert len(manifest["model"]["weights_sha256"]) == 64
     # a pyarrow dataset of the parts
     assert pads.dataset(tmp_path / "out" / "table").count_rows() == len(got)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [

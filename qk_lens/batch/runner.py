@@ -7,6 +7,7 @@ hands the rest to the executor; it alone writes files, part by part, as they fin
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 from tqdm.auto import tqdm
 
 from qk_lens.batch import executors
@@ -54,7 +56,17 @@ def model_info(model: Any) -> dict[str, Any]:
         "d_model": c.d_model,
         "dtype": str(getattr(c, "dtype", "")),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "weights_sha256": weights_fingerprint(model),
     }
+
+
+def weights_fingerprint(model: Any) -> str:
+    """SHA-256 of every parameter's name and bytes: the version of the weights a run used."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
