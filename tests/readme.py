@@ -9,9 +9,10 @@ Conventions the documents follow (``tests/test_readme.py`` enforces them):
 * A ```` ```text ```` block right after a python block (blank lines between, nothing else) is
   what that block prints. A ```` ```text ```` block whose first line is ``$ COMMAND`` is what
   that command prints.
-* Printed numbers are compared to within one unit of the last digit shown (the machines that
-  run the tests round float32 sums differently in the last place); everything else exactly, up
-  to runs of spaces (a DataFrame's column widths follow its numbers).
+* Printed numbers with a decimal point are compared to within one unit of the last digit shown
+  (the machines that run the tests round float32 sums differently in the last place), written
+  the same way (as many decimals, an exponent or not); integers exactly; everything else
+  exactly, up to runs of spaces (a DataFrame's column widths follow its numbers).
 
 ``python -m tests.readme`` rewrites the output blocks of the offline examples with what they
 print now; read the diff before committing it.
@@ -129,6 +130,12 @@ def _tokens(text: str) -> list[str | float]:
     return parts
 
 
+def _shape(number: str) -> tuple[bool, int, bool]:
+    """(has a decimal point, digits after it, has an exponent): how a number is written."""
+    mantissa, e, _ = number.lower().partition("e")
+    return "." in mantissa, len(mantissa.partition(".")[2]), bool(e)
+
+
 def _last_place(shown: str) -> float:
     mantissa, _, exp = shown.lower().replace("−", "-").partition("e")
     decimals = len(mantissa.partition(".")[2])
@@ -147,7 +154,12 @@ def mismatch(shown: str, printed: str) -> str | None:
                 return f"text differs: {x!r} vs {y!r}\nprinted:\n{printed}"
             continue
         fx, fy = float(x.replace("−", "-")), float(y.replace("−", "-"))
-        if not abs(fx - fy) <= 1.01 * _last_place(x):  # NaN fails here
+        if _shape(x) != _shape(y):  # 0.99 vs 0.9931, 17 vs 16.5: another format, not rounding
+            return f"number written differently: shown {x}, printed {y}\nprinted:\n{printed}"
+        if not _shape(x)[0] and not _shape(x)[2]:
+            if fx != fy:  # integers (heads, positions, counts) are exact
+                return f"integer differs: shown {x}, printed {y}\nprinted:\n{printed}"
+        elif not abs(fx - fy) <= 1.01 * _last_place(x):  # NaN fails here
             return f"number differs: shown {x}, printed {y}\nprinted:\n{printed}"
     return None
 

@@ -84,6 +84,9 @@ def same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
         ({"executor__kind": "slurm"}, r"executor\.kind: .*'local' or 'ray'"),
         ({"prompts__file": "missing.txt"}, r"prompts\.file: .*missing\.txt does not exist"),
         ({"prompts__dataset": "x"}, r"prompts: .*exactly one of file"),
+        ({"compute__table__layers": [True]}, r"compute\.table\.layers"),
+        ({"compute__table__top_k": "3"}, r"compute\.table\.top_k: .*integer"),
+        ({"compute__table__heads": []}, r"compute\.table\.heads: .*at least 1"),
     ],
 )
 def test_a_bad_config_is_one_clear_error(tmp_path, changes, message) -> None:
@@ -140,6 +143,7 @@ def test_run_writes_what_the_table_gives(tmp_path, reference) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "manifest.json",
         "profile.parquet",
+        "prompts.jsonl",
         "report.html",
         "table",
     ]
@@ -383,3 +387,26 @@ def test_steering_sweeps_per_prompt(tmp_path) -> None:
     cfg = load_config(write_config(tmp_path, compute={"steering": [{**spec, "feature": 10_000}]}))
     with pytest.raises(ConfigError, match=r"steering\[0\]\.feature: feature 10000 is out of range"):
         run(cfg, progress=False)
+
+
+def test_resume_keys_on_what_decides_the_rows(tmp_path) -> None:
+    """A memory setting (query_chunk) resumes; changed prompt text refuses; an unreadable part
+    is redone; prompts.jsonl maps each prompt to its source row."""
+    (tmp_path / "src").mkdir()
+    path = write_config(tmp_path)
+    text = (tmp_path / "prompts.txt").read_text()
+    (tmp_path / "prompts.txt").write_text("\n" + text)  # a blank first line: rows shift by one
+    first = run(load_config(path), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()]
+    assert [(x["prompt"], x["source_row"]) for x in lines[:2]] == [(0, 1), (1, 2)]
+    assert lines[0]["text"] == PROMPTS[0]
+    again = run(load_config(write_config(tmp_path, compute__table__query_chunk=3)), progress=False)
+    assert (again.parts_adopted, again.parts_computed) == (3, 0)
+    (tmp_path / "prompts.txt").write_text("\n" + text)
+    part = tmp_path / "out" / "table" / "part-00001.parquet"
+    part.write_bytes(b"")  # a part cut short (power loss before the data reached the disk)
+    redo = run(load_config(path), progress=False)
+    assert (redo.parts_adopted, redo.parts_computed) == (2, 1) and redo.rows == first.rows
+    (tmp_path / "prompts.txt").write_text(text.replace("rat", "cat", 1))
+    with pytest.raises(ConfigError, match="different config"):
+        run(load_config(path), progress=False)

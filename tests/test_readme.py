@@ -112,6 +112,7 @@ def test_command_transcript_is_what_the_command_prints(block: Block, tmp_path: P
         text=True,
         timeout=600,
     )
+    assert proc.returncode == 0, f"`{block.command}` failed:\n{proc.stdout}\n{proc.stderr}"
     shown = block.text.split("\n", 1)[1]
     printed = proc.stdout.replace(str(tmp_path.resolve()), "/path/to")
     problem = mismatch(shown, printed)
@@ -128,7 +129,9 @@ def test_command_transcript_is_what_the_command_prints(block: Block, tmp_path: P
         ("score nan prob 0.992", False),
         ("score 16.918 prob 0.992 extra", False),
         ("score 16.918 p 0.992", False),
-        ("score 1.6918e1 prob 0.992", True),
+        ("score 1.6918e1 prob 0.992", False),  # written differently
+        ("score 16.9 prob 0.992", False),
+        ("score 16.918 prob 0.9921", False),
     ],
 )
 def test_the_comparison_can_fail(printed: str, ok: bool) -> None:
@@ -147,3 +150,9 @@ def test_blocks_pair_outputs_only_when_adjacent(tmp_path: Path) -> None:
     assert found[0].output is found[1]
     assert found[2].output is None
     assert found[4].command == "qk-lens demo"
+
+
+def test_integers_are_exact() -> None:
+    assert mismatch("head L0H3 at 17", "head L0H3 at 17") is None
+    assert mismatch("head L0H3 at 17", "head L0H2 at 17") is not None
+    assert mismatch("head L0H3 at 17", "head L0H3 at 18") is not None

@@ -103,10 +103,11 @@ def iter_attribution_table(
             vals, idx = top_terms(
                 Q[:, q0:q1], K, hh, qq, kk, k_eff, stats=stats, progress=bar.update
             )
-            totals = einsum(Q_sum[:, q0:q1], K_sum, "h q d, h k d -> h q k")
+            # each pair's score from its own two vectors: the same numbers whatever the chunks
+            totals = einsum(Q_sum[hh, qq + q0], K_sum[hh, kk], "p d, p d -> p")
             alibi = None
             if has_alibi:
-                alibi = qk.alibi_terms(H, positions[q0:q1], positions)
+                alibi = qk.alibi_terms(H, positions[q0:q1], positions)[hh, qq, kk]
                 totals = totals + alibi
             frame = _frame(
                 qk.layer, heads, hh, qq, kk, q0, vals, idx, totals, alibi, pattern,
@@ -161,8 +162,9 @@ def _frame(
     q_index: Tensor, k_index: Tensor, q_meta: Meta, k_meta: Meta, n_qm: int, n_km: int,
     Pq: int, Pk: int, k_eff: int,
 ) -> pd.DataFrame:  # fmt: skip
-    """One chunk's rows; ``qq`` are positions within the chunk (starting at ``q0``), and
-    ``totals`` / ``alibi`` / ``pattern`` / ``final`` are the chunk's [h, c, T] slices."""
+    """One chunk's rows; ``qq`` are positions within the chunk (starting at ``q0``),
+    ``totals`` / ``alibi`` are per selected pair, ``pattern`` / ``final`` the chunk's
+    [h, c, T] slices."""
     n_pairs = len(hh)
     # Each listed term's meta rows: flat numpy lookups (2-D torch indexing over [pairs, top_k]
     # is several times slower).
@@ -174,11 +176,11 @@ def _frame(
     listed_term = (qi >= 0) & (ki >= 0)  # padding slots (exact zeros) never count as interactions
     # The exact remainder: the pair's score minus the listed terms (and ALiBi, listed apart).
     # Extra columns go right after each pair's listed terms, so rows come out grouped by pair.
-    pair_total = totals[hh, qq, kk]
+    pair_total = totals
     rem = pair_total - torch.where(torch.from_numpy(listed_term), vals, 0.0).sum(-1)
     extra_vals, extra_codes = [rem], [REMAINDER]
     if alibi is not None:
-        alibi_term = alibi[hh, qq, kk]
+        alibi_term = alibi
         extra_vals, extra_codes = [rem - alibi_term, alibi_term], [REMAINDER, ALIBI]
     n_extra = len(extra_codes)
     codes = np.broadcast_to(np.array(extra_codes), (n_pairs, n_extra))

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML gives native types, so "3" for a count or `yes` for a layer is a mistake
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DictionarySpec(Strict):
@@ -77,7 +78,7 @@ class TableSpec(Strict):
     ``min_prob`` (at most ``max_pairs`` per prompt and layer, the most attended), top-k terms."""
 
     layers: list[int] | Literal["all"] = Field(min_length=1)
-    heads: list[int] | None = None
+    heads: list[int] | None = Field(default=None, min_length=1)
     top_k: int = Field(default=32, gt=0)
     min_prob: float = Field(default=0.05, ge=0.0, le=1.0)
     max_pairs: int | None = Field(default=None, gt=0)
@@ -167,16 +168,18 @@ class RunConfig(Strict):
         q = Path(p).expanduser()
         return q if q.is_absolute() else Path(self.base_dir) / q
 
-    def result_hash(self) -> str:
-        """Hash of everything that decides the rows (not where they go, nor who computes them):
-        parts of runs with different hashes never mix."""
-        what = self.model_dump(include={"model", "prompts", "compute"})
-        what["chunk_size"] = self.output.chunk_size  # decides which prompts form a part
-        if what["prompts"]["file"] is not None:
-            f = self.path(what["prompts"]["file"])
-            what["prompts"]["file"] = (
-                hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
-            )
+    def result_hash(self, prompts: list[str], fingerprint: str) -> str:
+        """Hash of everything that decides the rows — the model spec and ``fingerprint`` (its
+        weights and dictionaries), the prompts themselves, the compute settings, which prompts
+        form a part — and not where they go, who computes them or how much memory a chunk
+        takes: parts of runs with different hashes never mix."""
+        what = self.model_dump(include={"model", "compute"})
+        if what["compute"]["table"] is not None:
+            del what["compute"]["table"]["query_chunk"]  # rows do not depend on it
+        what["max_tokens"] = self.prompts.max_tokens
+        what["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        what["weights"] = fingerprint
+        what["chunk_size"] = self.output.chunk_size
         blob = json.dumps(what, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -10,7 +10,10 @@ machine's disk for ``local``, a shared file system for a Ray cluster of several 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -67,46 +70,70 @@ def in_process(
         yield part, compute_and_write(model, cfg, root, config_hash, part)
 
 
+def worker_threads(cfg: RunConfig) -> int:
+    """Torch threads per worker: as configured, else this machine's cores shared out."""
+    ex = cfg.executor
+    if ex.threads_per_worker is not None:
+        return ex.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // max(1, ex.workers))
+
+
+def charge(part: Part, attempts: dict[int, int], max_retries: int, what: str) -> None:
+    attempts[part.index] += 1
+    if attempts[part.index] > max_retries:
+        last = part.first + len(part.prompts) - 1
+        raise WorkerDied(
+            f"part {part.index} (prompts {part.first}..{last}): its {what} died "
+            f"{attempts[part.index]} times (executor.max_retries = {max_retries})"
+        )
+
+
 def local(
     cfg: RunConfig, parts: list[Part], root: str, config_hash: str,
     on_retry: Callable[[Part], None] = lambda p: None,
 ) -> Iterator[tuple[Part, dict[str, int]]]:  # fmt: skip
-    """Worker processes on this machine (spawned: no state inherited from the caller)."""
+    """Worker processes on this machine (spawned: no state inherited from the caller).
+
+    At most ``workers`` parts are in flight, so when a worker dies (and the pool with it) only
+    the parts that were running are charged a try: which of them killed it is unknown."""
     ex = cfg.executor
     attempts = dict.fromkeys((p.index for p in parts), 0)
-    done: set[int] = set()
-    todo = list(parts)
+    todo = deque(parts)
     ctx = multiprocessing.get_context("spawn")
+    n = max(1, min(ex.workers, len(todo)))
+    args = (cfg.model_dump_json(), root, config_hash, worker_threads(cfg))
     while todo:
-        pool = ProcessPoolExecutor(
-            max(1, min(ex.workers, len(todo))), mp_context=ctx, initializer=init_worker,
-            initargs=(cfg.model_dump_json(), root, config_hash, ex.threads_per_worker),
-        )  # fmt: skip
-        futures = {pool.submit(run_part, p): p for p in todo}
-        round_parts, todo = list(todo), []
+        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker, initargs=args)
+        running: dict[Any, Part] = {}
+        lost: list[Part] = []
         try:
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            while (todo or running) and not lost:
+                while todo and len(running) < n:
+                    part = todo.popleft()
+                    running[pool.submit(run_part, part)] = part
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    _, rows = fut.result()
-                    done.add(futures[fut].index)
-                    yield futures[fut], rows
-        except BrokenProcessPool:
-            # A worker died (killed, out of memory) and the pool with it: which part it was
-            # working on is unknown, so every unfinished part counts a try and goes to a new pool.
-            todo = [p for p in round_parts if p.index not in done]
-            for p in todo:
-                on_retry(p)
-                attempts[p.index] += 1
-                if attempts[p.index] > ex.max_retries:
-                    raise WorkerDied(
-                        f"part {p.index} (prompts {p.first}..{p.first + len(p.prompts) - 1}): "
-                        f"its worker died {attempts[p.index]} times (executor.max_retries = "
-                        f"{ex.max_retries})"
-                    ) from None
+                    part = running.pop(fut)
+                    try:
+                        _, rows = fut.result()
+                    except BrokenProcessPool:
+                        lost.append(part)
+                        continue
+                    yield part, rows
+            if lost:  # the pool is broken: what was still running is lost with it
+                for fut, part in running.items():
+                    try:
+                        _, rows = fut.result()
+                    except BrokenProcessPool:
+                        lost.append(part)
+                        continue
+                    yield part, rows
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        for part in reversed(lost):
+            on_retry(part)
+            charge(part, attempts, ex.max_retries, "worker")
+            todo.appendleft(part)
 
 
 def ray_executor(
@@ -120,6 +147,8 @@ def ray_executor(
         raise ImportError(
             "executor.kind: ray needs Ray: pip install 'qk_lens[ray]' (or pip install ray)"
         ) from None
+    if not parts:
+        return
     ex = cfg.executor
     started_here = not ray.is_initialized()
     if started_here:
@@ -154,7 +183,7 @@ def _ray_loop(
     actor_cls = ray.remote(num_cpus=threads)(RayWorker)
     cfg_json = cfg.model_dump_json()
     n = max(1, min(ex.workers, len(parts)))
-    actors = [actor_cls.remote(cfg_json, *where, ex.threads_per_worker) for _ in range(n)]
+    actors = [actor_cls.remote(cfg_json, *where, threads) for _ in range(n)]
     todo = list(parts)
     attempts = {p.index: 0 for p in parts}
     running: dict[Any, tuple[Any, Part]] = {}  # ref -> (actor, part)
@@ -170,16 +199,15 @@ def _ray_loop(
             _, rows = ray.get(ref)
         except ray.exceptions.RayActorError:
             on_retry(part)
-            attempts[part.index] += 1
-            if attempts[part.index] > ex.max_retries:
-                raise WorkerDied(
-                    f"part {part.index}: its Ray worker died {attempts[part.index]} times "
-                    f"(executor.max_retries = {ex.max_retries})"
-                ) from None
+            # an actor Ray calls unavailable may still hold its CPUs: end it for good
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            charge(part, attempts, ex.max_retries, "Ray worker")
             todo.insert(0, part)
-            idle.append(actor_cls.remote(cfg_json, *where, ex.threads_per_worker))  # a fresh one
+            idle.append(actor_cls.remote(cfg_json, *where, threads))  # a fresh one
             continue
         idle.append(actor)
         yield part, rows
     for actor in idle:
-        ray.kill(actor)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)

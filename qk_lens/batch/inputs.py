@@ -47,52 +47,73 @@ def load_model(spec: ModelSpec, base_dir: str | Path = ".") -> Any:
     return model
 
 
-def read_prompts(spec: PromptsSpec, cfg: RunConfig) -> list[str]:
-    """The prompts, in order (blank lines of a text file skipped), at most ``limit``."""
+def read_prompts(spec: PromptsSpec, cfg: RunConfig) -> tuple[list[str], list[int]]:
+    """The prompts in order, and each one's row in its source (blank ones are skipped: a
+    blank line of a text file, an empty string in JSON Lines or a dataset), at most ``limit``."""
     if spec.texts is not None:
-        prompts = list(spec.texts)
+        rows = list(enumerate(spec.texts))
     elif spec.file is not None:
-        path = cfg.path(spec.file)
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix == ".jsonl":
-            prompts = []
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"prompts.file: {path}:{n} is not JSON: {e}") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(spec.field), str):
-                    raise ConfigError(
-                        f"prompts.file: {path}:{n} has no string under prompts.field "
-                        f"{spec.field!r} (keys: {sorted(obj) if isinstance(obj, dict) else '-'})"
-                    )
-                prompts.append(obj[spec.field])
-        else:
-            prompts = [line for line in lines if line.strip()]
+        rows = _file_rows(cfg.path(spec.file), spec)
     else:
-        try:
-            import datasets
-        except ImportError:
+        rows = _dataset_rows(spec)
+    for n, text in rows:
+        if not isinstance(text, str):
             raise ConfigError(
-                "prompts.dataset needs the datasets package (pip install datasets)"
-            ) from None
-        ds = datasets.load_dataset(
-            spec.dataset, spec.dataset_config, split=spec.split, streaming=True
-        )
-        prompts = []
-        for row in ds:
-            if spec.field not in row:
-                raise ConfigError(
-                    f"prompts.field: {spec.field!r} is not a column of {spec.dataset} (columns: {sorted(row)})"
-                )
-            prompts.append(row[spec.field])
-            if spec.limit is not None and len(prompts) >= spec.limit:
-                break
-    prompts = [p for p in prompts if p.strip()]
+                f"prompts: row {n} is a {type(text).__name__}, not text ({text!r:.60})"
+            )
+    kept = [(n, t) for n, t in rows if t.strip()]
     if spec.limit is not None:
-        prompts = prompts[: spec.limit]
-    if not prompts:
-        raise ConfigError("prompts: there are none (an empty file, or only blank lines)")
-    return prompts
+        kept = kept[: spec.limit]
+    if not kept:
+        raise ConfigError("prompts: there are none (an empty source, or only blank prompts)")
+    return [t for _, t in kept], [n for n, _ in kept]
+
+
+def _file_rows(path: Path, spec: PromptsSpec) -> list[tuple[int, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise ConfigError(
+            f"prompts.file: {path} is .json; give JSON Lines (.jsonl: one object per line, the "
+            "prompt under prompts.field) or a text file (one prompt per line)"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if suffix != ".jsonl":
+        return list(enumerate(lines))
+    rows = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"prompts.file: {path}:{n + 1} is not JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(spec.field), str):
+            raise ConfigError(
+                f"prompts.file: {path}:{n + 1} has no string under prompts.field "
+                f"{spec.field!r} (keys: {sorted(obj) if isinstance(obj, dict) else '-'})"
+            )
+        rows.append((n, obj[spec.field]))
+    return rows
+
+
+def _dataset_rows(spec: PromptsSpec) -> list[tuple[int, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "prompts.dataset needs the datasets package (pip install datasets)"
+        ) from None
+    ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split, streaming=True)
+    rows = []
+    kept = 0
+    for n, row in enumerate(ds):
+        if spec.field not in row:
+            raise ConfigError(
+                f"prompts.field: {spec.field!r} is not a column of {spec.dataset} "
+                f"(columns: {sorted(row)})"
+            )
+        rows.append((n, row[spec.field]))
+        kept += isinstance(row[spec.field], str) and bool(row[spec.field].strip())
+        if spec.limit is not None and kept >= spec.limit:
+            break  # streamed: read only as far as the limit needs
+    return rows

@@ -32,7 +32,10 @@ class Prepared:
     out: Path
     model: Any
     prompts: list[str]
+    source_rows: list[int]  # each prompt's row in its source (blank ones skipped)
     parts: list[Part]
+    fingerprint: str  # SHA-256 of the weights and dictionaries
+    hash: str  # cfg.result_hash of these prompts and weights
 
 
 def prepare(cfg: RunConfig, out: str | Path | None = None) -> Prepared:
@@ -41,9 +44,11 @@ def prepare(cfg: RunConfig, out: str | Path | None = None) -> Prepared:
     n_heads = model.cfg.n_heads
     sizes = {layer: int(d.sae.W_dec.shape[0]) for layer, d in model.qk_dictionaries.items()}
     check_against_model(cfg, model.cfg.n_layers, n_heads, sizes)
-    prompts = read_prompts(cfg.prompts, cfg)
+    prompts, rows = read_prompts(cfg.prompts, cfg)
     root = (Path(out) if out is not None else cfg.path(cfg.output.dir)).resolve()
-    return Prepared(cfg, root, model, prompts, split_parts(prompts, cfg.output.chunk_size))
+    parts = split_parts(prompts, cfg.output.chunk_size)
+    fp = weights_fingerprint(model)
+    return Prepared(cfg, root, model, prompts, rows, parts, fp, cfg.result_hash(prompts, fp))
 
 
 def model_info(model: Any) -> dict[str, Any]:
@@ -56,16 +61,31 @@ def model_info(model: Any) -> dict[str, Any]:
         "d_model": c.d_model,
         "dtype": str(getattr(c, "dtype", "")),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
-        "weights_sha256": weights_fingerprint(model),
     }
 
 
 def weights_fingerprint(model: Any) -> str:
-    """SHA-256 of every parameter's name and bytes: the version of the weights a run used."""
+    """SHA-256 of every parameter's and every dictionary's tensors (names and bytes): the
+    version of the weights a run used."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+
+    def add(name: str, t: Any) -> None:
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for name, p in sorted(model.named_parameters()):
+        add(name, p)
+    for layer, d in sorted(model.qk_dictionaries.items()):
+        sae = d.sae
+        if hasattr(sae, "state_dict"):
+            tensors = sae.state_dict()
+        else:  # an object with SAELens's interface only
+            names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+            tensors = {
+                n: getattr(sae, n) for n in names if isinstance(getattr(sae, n, None), torch.Tensor)
+            }
+        for name, t in sorted(tensors.items()):
+            add(f"dictionary {layer}.{name}", t)
     return h.hexdigest()
 
 
@@ -106,8 +126,10 @@ def run(
 ) -> RunResult:
     """Compute every part of ``cfg`` not already in the output folder, and write it."""
     p = prepared or prepare(cfg, out)
-    store = RunStore(p.out, cfg, len(p.prompts), model_info(p.model))
+    info = {**model_info(p.model), "weights_sha256": p.fingerprint}
+    store = RunStore(p.out, cfg, p.hash, len(p.prompts), info)
     done = store.open(overwrite=overwrite)
+    store.write_prompts(p.prompts, p.source_rows)
     todo = [part for part in p.parts if part.index not in done]
     t0 = time.perf_counter()
     bar = tqdm(
@@ -212,7 +234,7 @@ def plan(cfg: RunConfig, out: str | Path | None = None, sample: int = 2) -> Plan
         else:
             est_rows[name] = table.num_rows * len(p.prompts) / k
         est_bytes += est_rows[name] * per_row
-    this = cfg.result_hash()
+    this = p.hash
     datasets = cfg.compute.datasets()
     parts_done = sum(
         1

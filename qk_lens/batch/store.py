@@ -32,6 +32,8 @@ FORMAT = "qk_lens.run/1"
 PART_GLOB = "part-*.parquet"
 # every dataset a run can write, one folder each
 DATASETS = ("table", "graph_nodes", "graph_edges", "head_loadings", "steering")
+# files a complete run derives from its parts
+DERIVED = ("profile.parquet", "report.html")
 
 
 def part_name(index: int) -> str:
@@ -51,10 +53,17 @@ def versions() -> dict[str, str | None]:
 class RunStore:
     """The output folder of one config (see the module docstring)."""
 
-    def __init__(self, root: Path, cfg: RunConfig, n_prompts: int, model_info: dict[str, Any]):
+    def __init__(
+        self,
+        root: Path,
+        cfg: RunConfig,
+        config_hash: str,
+        n_prompts: int,
+        model_info: dict[str, Any],
+    ):
         self.root = Path(root)
         self.cfg = cfg
-        self.hash = cfg.result_hash()
+        self.hash = config_hash
         self.datasets = cfg.compute.datasets()
         self.manifest_path = self.root / "manifest.json"
         self.manifest: dict[str, Any] = {
@@ -86,6 +95,9 @@ class RunStore:
                 tmp.unlink()  # a temporary file of a killed run: never renamed, never counted
             for path in sorted(folder.glob(PART_GLOB)):
                 meta = read_part_meta(path)
+                if not meta:
+                    path.unlink()  # unreadable (e.g. cut short by a power loss): not done
+                    continue
                 if meta.get("config_hash") != self.hash or name not in self.datasets:
                     foreign = True
                     continue
@@ -100,6 +112,8 @@ class RunStore:
             for name in DATASETS:
                 shutil.rmtree(self.root / name, ignore_errors=True)
             found = {}
+        for derived in DERIVED:  # rebuilt when the run completes; stale until then
+            (self.root / derived).unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         # done: every dataset's file of the part is there (a part killed between two renames
         # is redone whole)
@@ -113,6 +127,15 @@ class RunStore:
         """Note a part its worker wrote (:func:`write_part`) in the manifest."""
         self.manifest["parts"][part_name(index)] = rows
         self._save_manifest()
+
+    def write_prompts(self, prompts: list[str], source_rows: list[int]) -> None:
+        """DIR/prompts.jsonl: each prompt with its index (the rows' ``prompt``) and its row in
+        the source (blank source rows are skipped, so the two can differ)."""
+        lines = (
+            json.dumps({"prompt": i, "source_row": r, "text": t})
+            for i, (t, r) in enumerate(zip(prompts, source_rows, strict=True))
+        )
+        write_text(self.root / "prompts.jsonl", "\n".join(lines) + "\n")
 
     def finish(self, n_parts: int) -> None:
         self.manifest["complete"] = len(self.manifest["parts"]) == n_parts
@@ -128,9 +151,9 @@ def write_part(
     tables: Iterable[tuple[str, pa.Table]], schemas: dict[str, pa.Schema],
 ) -> dict[str, int]:  # fmt: skip
     """Stream ``(dataset, rows)`` into part ``index`` of each dataset (``root/DATASET/``) under
-    temporary names, renamed into place once every dataset's file is complete: each file is
-    whole or absent, and a part counts as done only when all its datasets' files are there.
-    Returns the rows written per dataset."""
+    temporary names; after the last row each file is closed and renamed into place in turn.
+    Each file is whole or absent, and a part counts as done only when all its datasets' files
+    are there. Returns the rows written per dataset."""
     meta = {
         "config_hash": config_hash,
         "part": index,
