@@ -410,3 +410,14 @@ def test_resume_keys_on_what_decides_the_rows(tmp_path) -> None:
     (tmp_path / "prompts.txt").write_text(text.replace("rat", "cat", 1))
     with pytest.raises(ConfigError, match="different config"):
         run(load_config(path), progress=False)
+
+
+def test_cli_reports_a_bad_config_with_exit_2(tmp_path, capsys) -> None:
+    from qk_lens.cli import main
+
+    path = write_config(tmp_path, compute__table__colour="red", executor__kind="slurm")
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "compute.table.colour: unknown key" in err and "executor.kind" in err
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
