@@ -7,16 +7,11 @@ from typing import Any
 
 from qk_lens.views.html import Report, table
 
+# feature ids beside labels: several features can share a label ("current token = <bos>")
 SHOWN = [
-    "q_label",
-    "k_label",
-    "count",
-    "n_prompts",
-    "frac_pairs",
-    "mean_term",
-    "mean_share",
-    "examples",
-]
+    "q_label", "q_feature", "k_label", "k_feature", "count", "n_prompts", "frac_pairs",
+    "mean_term", "mean_share", "examples",
+]  # fmt: skip
 
 
 def profile_report(profile: Any, title: str, top_k: int = 10) -> Report:
