@@ -421,3 +421,32 @@ def test_cli_reports_a_bad_config_with_exit_2(tmp_path, capsys) -> None:
     assert "compute.table.colour: unknown key" in err and "executor.kind" in err
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ray_on_an_existing_cluster(tmp_path, reference, monkeypatch) -> None:
+    """``executor.address``: a cluster started apart (``ray start --head``) does the parts."""
+    pytest.importorskip("ray")
+    import socket
+
+    # a cluster of one's own machine, for the test: no token to hand around
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray_bin = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    start = [str(ray_bin), "start", "--head", "--num-cpus", "2", f"--port={port}",
+             "--include-dashboard", "false", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    try:
+        address = f"127.0.0.1:{port}"
+        cfg = load_config(
+            write_config(
+                tmp_path, executor__kind="ray", executor__workers=2, executor__address=address
+            )
+        )
+        result = run(cfg, progress=False)
+        assert result.parts_computed == 3
+        same_rows(read_table(tmp_path / "out"), reference)
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=180)
