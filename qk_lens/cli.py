@@ -67,47 +67,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_for_table(args: argparse.Namespace):
+    """The flags checked as flags, then the same loader as ``qk-lens run``'s configs."""
     from qk_lens import toy
+    from qk_lens.batch.config import DictionarySpec, ModelSpec
+    from qk_lens.batch.inputs import load_model
 
     is_toy = args.model in toy.NAMES or (Path(args.model) / "config.json").is_file()
-    if is_toy:
-        if args.sae_release or args.sae_id or args.sae:
-            raise ValueError(
-                "--sae-release/--sae-id/--sae are for pretrained models; toy models ship SAEs"
-            )
-        return toy.load(args.model, bridge=args.bridge or None)
+    if is_toy and (args.sae_release or args.sae_id or args.sae):
+        raise ValueError(
+            "--sae-release/--sae-id/--sae are for pretrained models; toy models ship SAEs"
+        )
     if bool(args.sae_release) != bool(args.sae_id):
         raise ValueError("--sae-release and --sae-id go together (a SAELens release and its ids)")
-    if not (args.sae_release or args.sae) and args.basis == "dictionary":
+    if not is_toy and not (args.sae_release or args.sae) and args.basis == "dictionary":
         raise ValueError(
             f"{args.model!r} is not a bundled model: give its SAEs with --sae-release and --sae-id "
             "(e.g. --sae-release gpt2-small-res-jb --sae-id blocks.5.hook_resid_pre), or with "
             "--sae DIR or --sae hf://ORG/REPO/FOLDER (SAELens's saved format), or use "
             "--basis upstream"
         )
-    import qk_lens
-    from qk_lens.sae_files import load_sae
-
-    saes = []
     if args.sae_release:
         try:
-            from sae_lens import SAE
+            import sae_lens  # noqa: F401
         except ImportError:
             raise ValueError(
                 "--sae-release needs SAELens (with TransformerLens 3.x); beside TransformerLens "
                 "4 give each SAE as --sae hf://ORG/REPO/FOLDER or a local directory"
             ) from None
-        saes += [SAE.from_pretrained(args.sae_release, i) for i in args.sae_id]
-    if args.bridge or not toy.hooked_transformer_available():
-        from transformer_lens.model_bridge import TransformerBridge
-
-        model = qk_lens.attach(TransformerBridge.boot_transformers(args.model))
-    else:
-        model = qk_lens.HookedQKTransformer.from_pretrained(args.model)
-    saes += [load_sae(path, device=str(model.cfg.device)) for path in args.sae or []]
-    for sae in saes:
-        model.add_dictionary(sae.to(device=str(model.cfg.device)))
-    return model
+    dictionaries = [DictionarySpec(release=args.sae_release, id=i) for i in args.sae_id or []]
+    dictionaries += [DictionarySpec(path=p) for p in args.sae or []]
+    return load_model(ModelSpec(name=args.model, bridge=args.bridge, dictionaries=dictionaries))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
