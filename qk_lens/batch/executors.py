@@ -107,21 +107,14 @@ def local(
         running: dict[Any, Part] = {}
         lost: list[Part] = []
         try:
-            while (todo or running) and not lost:
-                while todo and len(running) < n:
+            # once the pool breaks, nothing new is submitted and what still runs is settled
+            while running or (todo and not lost):
+                while todo and not lost and len(running) < n:
                     part = todo.popleft()
                     running[pool.submit(run_part, part)] = part
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     part = running.pop(fut)
-                    try:
-                        _, rows = fut.result()
-                    except BrokenProcessPool:
-                        lost.append(part)
-                        continue
-                    yield part, rows
-            if lost:  # the pool is broken: what was still running is lost with it
-                for fut, part in running.items():
                     try:
                         _, rows = fut.result()
                     except BrokenProcessPool:

@@ -92,7 +92,7 @@ def _partial(df: pd.DataFrame, examples: int) -> tuple[pd.DataFrame, pd.DataFram
     firsts = listed.drop_duplicates([*KEY, "prompt"])
     agg["n_prompts"] = firsts.groupby(KEY, sort=False, observed=True).size()
     agg["examples"] = firsts.groupby(KEY, sort=False, observed=True)["prompt"].agg(
-        lambda s: list(s[:examples])
+        lambda s: list(s.iloc[:examples])
     )
     return agg, pairs.to_frame()
 
