@@ -106,12 +106,19 @@ def local(
         pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker, initargs=args)
         running: dict[Any, Part] = {}
         lost: list[Part] = []
+        broken = False
         try:
             # once the pool breaks, nothing new is submitted and what still runs is settled
-            while running or (todo and not lost):
-                while todo and not lost and len(running) < n:
+            while running or (todo and not broken):
+                while todo and not broken and len(running) < n:
                     part = todo.popleft()
-                    running[pool.submit(run_part, part)] = part
+                    try:
+                        running[pool.submit(run_part, part)] = part
+                    except BrokenProcessPool:  # broke before any running part reported it
+                        todo.appendleft(part)  # never started: not charged
+                        broken = True
+                if not running:
+                    break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     part = running.pop(fut)
@@ -119,6 +126,7 @@ def local(
                         _, rows = fut.result()
                     except BrokenProcessPool:
                         lost.append(part)
+                        broken = True
                         continue
                     yield part, rows
         finally:
