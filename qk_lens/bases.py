@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from qk_lens.arch import arch_of
 from qk_lens.capture import Capture
 from qk_lens.dictionaries import Decomposition, Dictionary
+from qk_lens.transcoders import Transcoders
 
 PART_COLUMNS = ["kind", "layer", "head", "position", "feature", "activation", "label"]
 
@@ -281,7 +282,8 @@ class UpstreamBasis:
                 labels.append(f"L{lyr}H{h}")
             add(b_O, "attention bias out", lyr, -1, f"L{lyr} attn b_O")
             if la.hooks.mlp_out is not None:
-                add(cap.layer_act(lyr, la.hooks.mlp_out)[positions], "mlp", lyr, -1, f"L{lyr} MLP")
+                for v, kind, label in self.mlp_parts(model, cap, lyr, positions):
+                    add(v, kind, lyr, -1, label)
         vectors = torch.cat(vecs, dim=1)
         n_pos, n_slots = vectors.shape[:2]
         valid = torch.ones(n_pos, n_slots, dtype=torch.bool)
@@ -295,4 +297,87 @@ class UpstreamBasis:
             np.nan,
             np.tile(np.array(labels, dtype=object), n_pos),
         )
+        return PartsBatch(positions, vectors, valid, meta, "resid")
+
+    def mlp_parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> list[tuple[Float[Tensor, "n d_model"], str, str]]:
+        """Layer ``layer``'s MLP output at ``positions`` as (vector, kind, label) parts: one."""
+        la = arch_of(model).layer(layer)
+        return [(cap.layer_act(layer, la.hooks.mlp_out)[positions], "mlp", f"L{layer} MLP")]
+
+
+class TranscoderBasis(UpstreamBasis):
+    """The upstream split with every MLP written as its transcoder features, bias, skip and
+    error: token and positional embeddings, each earlier head and attention bias, and, per
+    earlier layer, the active features' decoder writes (a CLT feature's writes summed over the
+    layers before this one, listed at its source layer), the transcoder bias, the skip and the
+    error (docs/transcoders.md)."""
+
+    def __init__(self, transcoders: Transcoders) -> None:
+        self.transcoders = transcoders
+
+    @property
+    def key(self) -> tuple:  # type: ignore[override]
+        return ("transcoders", id(self.transcoders))
+
+    def mlp_parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> list[tuple[Float[Tensor, "n d_model"], str, str]]:
+        split = self.transcoders.split(model, cap)
+        dt = split.dtype
+        out = [(split.bias[layer][positions], "transcoder bias", f"L{layer} transcoder bias")]
+        if split.skip is not None:
+            out.append((split.skip[layer][positions], "transcoder skip", f"L{layer} skip"))
+        out.append((split.error[layer][positions], "error", f"L{layer} transcoder error"))
+        return [(v.to(dt), kind, label) for v, kind, label in out]
+
+    def parts(
+        self, model: Any, cap: Capture, layer: int, positions: Int[Tensor, "n"]
+    ) -> PartsBatch:
+        fixed = super().parts(model, cap, layer, positions)
+        split = self.transcoders.split(model, cap)
+        tc = self.transcoders
+        # Active features at these positions, read before this layer (CLT: at any earlier layer).
+        wanted = torch.isin(split.feat_pos, positions) & (split.feat_layer < layer)
+        sel = torch.nonzero(wanted)[:, 0]
+        vecs = split.feature_write_until(sel, layer).to(fixed.vectors.dtype)
+        n_pos, n_fixed = fixed.vectors.shape[:2]
+        slot_of = {int(p): i for i, p in enumerate(positions.tolist())}
+        row = torch.tensor(
+            [slot_of[int(p)] for p in split.feat_pos[sel].tolist()], dtype=torch.long
+        )
+        counts = (
+            torch.bincount(row, minlength=n_pos)
+            if len(sel)
+            else torch.zeros(n_pos, dtype=torch.long)
+        )
+        k = int(counts.max()) if len(sel) else 0
+        order = torch.argsort(row, stable=True)
+        rank = torch.arange(len(sel)) - (torch.cumsum(counts, 0) - counts)[row[order]]
+        feat = fixed.vectors.new_zeros(n_pos, k, fixed.vectors.shape[2])
+        fvalid = torch.zeros(n_pos, k, dtype=torch.bool)
+        feat[row[order], rank] = vecs[order]
+        fvalid[row[order], rank] = True
+        vectors = torch.cat([fixed.vectors, feat], dim=1)
+        valid = torch.cat([fixed.valid, fvalid], dim=1)
+        s = sel[order]
+        layers_np = split.feat_layer[s].numpy()
+        ids_np = split.feat_id[s].numpy()
+        f_meta = part_meta(
+            "feature",
+            layers_np,
+            -1,
+            split.feat_pos[s].numpy(),
+            ids_np,
+            split.feat_act[s].to(torch.float64).numpy(),
+            np.array(tc.labels_of(layers_np, ids_np), dtype=object),
+        )
+        # Row-major over (pos, slot): each position's fixed parts, then its features.
+        width = n_fixed + k
+        keys = np.concatenate([
+            np.repeat(np.arange(n_pos), n_fixed) * width + np.tile(np.arange(n_fixed), n_pos),
+            row[order].numpy() * width + n_fixed + rank.numpy(),
+        ])  # fmt: skip
+        meta = take_meta(concat_meta([fixed.meta, f_meta]), np.argsort(keys, kind="stable"))
         return PartsBatch(positions, vectors, valid, meta, "resid")

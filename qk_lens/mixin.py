@@ -30,6 +30,7 @@ from qk_lens.steering import (
     steer_qk_sweep,
     steer_resid,
 )
+from qk_lens.transcoders import Transcoders, load_transcoders
 
 M = TypeVar("M")
 
@@ -60,6 +61,27 @@ class QKLensMixin:
         d = Dictionary.from_sae(sae, self, layer=layer, labels=labels)
         self.qk_dictionaries[d.layer] = d
         return d
+
+    @property
+    def qk_transcoders(self) -> Transcoders | None:
+        """The transcoders added with :meth:`add_transcoders` (``None`` if none)."""
+        return state_of(self).transcoders
+
+    def add_transcoders(
+        self, transcoders: Any, labels: Any = None, zero_positions: int = 1
+    ) -> Transcoders:
+        """Use per-layer transcoders or a cross-layer transcoder as the replacement of every MLP:
+        ``basis="transcoders"`` then splits the residual into embeddings, heads, transcoder
+        features, biases and errors.
+
+        ``transcoders``: a directory or ``config.yaml`` in circuit-tracer's format, a list of
+        SAELens transcoders (one per layer), or a :class:`~qk_lens.transcoders.Transcoders`.
+        ``labels``: layer → feature labels. Features at the first ``zero_positions`` positions
+        count as inactive (circuit-tracer's BOS convention).
+        """
+        tc = load_transcoders(transcoders, self, labels=labels, zero_positions=zero_positions)
+        state_of(self).transcoders = tc
+        return tc
 
     def remove_dictionary(self, layer: int) -> None:
         if layer not in self.qk_dictionaries:
@@ -93,7 +115,8 @@ class QKLensMixin:
 
         ``k_pos`` an int gives one :class:`QKAttribution`; ``None`` (every unmasked key) or a list
         gives a :class:`QKAttributions`. ``basis`` is ``"dictionary"`` (the SAE added for the
-        layer) or ``"upstream"`` (embeddings, earlier heads, MLPs, biases); ``query_basis`` /
+        layer), ``"upstream"`` (embeddings, earlier heads, MLPs, biases) or ``"transcoders"``
+        (the upstream split with each MLP as its transcoder features); ``query_basis`` /
         ``key_basis`` override it per side. Negative positions count from the end.
         """
         return qk_attribution(

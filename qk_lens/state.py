@@ -21,6 +21,7 @@ from qk_lens.checks import check_index
 
 if TYPE_CHECKING:
     from qk_lens.dictionaries import Dictionary
+    from qk_lens.transcoders import Transcoders
 
 _STATE_ATTR = "_qk_lens_state"
 # Set on the classes qk_lens.attach makes (and HookedQKTransformer): engines accept those models.
@@ -33,6 +34,7 @@ class QKState:
 
     dictionaries: dict[int, Dictionary] = field(default_factory=dict)
     captures: CaptureCache = field(default_factory=CaptureCache)
+    transcoders: Transcoders | None = None  # the replacement of every MLP (model.add_transcoders)
     # Inside capture_scope: the layers whose attention scores and patterns captures record.
     pattern_layers: frozenset[int] | None = None
 

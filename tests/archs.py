@@ -380,7 +380,11 @@ def _fill_(model: HookedTransformer, seed: int) -> None:
 
 
 def make_model(
-    name: str, dtype: torch.dtype = torch.float64, seed: int = 0, device: str = "cpu"
+    name: str,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    device: str = "cpu",
+    **overrides: Any,
 ) -> HookedTransformer:
     """A fresh small random ``HookedTransformer`` of variant ``name`` (one of ARCH_NAMES).
 
@@ -391,7 +395,8 @@ def make_model(
     for a float64 model (``ProcessWeights.process_weights`` casts every non-fp32 state-dict
     tensor to fp32 and back, the ``rotary_cos``/``rotary_sin`` buffers included), so a folded
     float64 model agrees with its unfolded twin only to ~1e-6; the folded model itself is still
-    an exact float64 computation of its (fp32-rounded) weights.
+    an exact float64 computation of its (fp32-rounded) weights. ``overrides`` change the config
+    (not for folded variants).
     """
     if name in _FOLDED:
         base, kwargs = _FOLDED[name]
@@ -400,7 +405,7 @@ def make_model(
             warnings.simplefilter("ignore")
             model.process_weights_(**kwargs)
         return model
-    d = config_dict(name, dtype)
+    d = {**config_dict(name, dtype), **overrides}
     d["device"] = device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HookedTransformer's 3.x DeprecationWarning

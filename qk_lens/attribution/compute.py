@@ -16,19 +16,39 @@ from qk_lens.arch import LayerQK, arch_of
 from qk_lens.attribution.projection import project_side
 from qk_lens.attribution.result import QKAttribution, QKAttributions
 from qk_lens.attribution.terms import ALIBI_LABEL, AttributionSource
-from qk_lens.bases import Basis, DictionaryBasis, UpstreamBasis, concat_meta, part_meta, take_meta
+from qk_lens.bases import (
+    Basis,
+    DictionaryBasis,
+    TranscoderBasis,
+    UpstreamBasis,
+    concat_meta,
+    part_meta,
+    take_meta,
+)
 from qk_lens.capture import Capture
 from qk_lens.checks import check_index, check_position
 from qk_lens.dictionaries import Dictionary
 from qk_lens.state import capture, layer_qk, state_of
+from qk_lens.transcoders import Transcoders
 
-BASIS_NAMES = ("dictionary", "upstream")
+BASIS_NAMES = ("dictionary", "upstream", "transcoders")
 
 
 def resolve_basis(model: Any, basis: Any, layer: int, side: str) -> Basis:
-    """A basis object from ``"dictionary"``, ``"upstream"``, a Dictionary or a basis."""
+    """A basis object from ``"dictionary"``, ``"upstream"``, ``"transcoders"``, a Dictionary,
+    a Transcoders or a basis."""
     if isinstance(basis, (DictionaryBasis, UpstreamBasis)):
         return basis
+    if isinstance(basis, Transcoders):
+        return TranscoderBasis(basis)
+    if basis == "transcoders":
+        tc = state_of(model).transcoders
+        if tc is None:
+            raise ValueError(
+                "no transcoders on this model; add them with model.add_transcoders(path or "
+                "list of SAELens transcoders), or use basis='upstream' or 'dictionary'"
+            )
+        return TranscoderBasis(tc)
     if isinstance(basis, Dictionary):
         if basis.layer != layer:
             raise ValueError(f"the {side} dictionary serves layer {basis.layer}, not layer {layer}")
@@ -45,7 +65,9 @@ def resolve_basis(model: Any, basis: Any, layer: int, side: str) -> Basis:
                 "basis='upstream' to split the residual into embeddings, heads and MLPs"
             )
         return DictionaryBasis(dictionaries[layer])
-    raise ValueError(f"{side}_basis must be one of {BASIS_NAMES} or a Dictionary, got {basis!r}")
+    raise ValueError(
+        f"{side}_basis must be one of {BASIS_NAMES}, a Dictionary or a Transcoders, got {basis!r}"
+    )
 
 
 def setup(
