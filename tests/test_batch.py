@@ -451,3 +451,83 @@ def test_ray_on_an_existing_cluster(tmp_path, reference) -> None:
         same_rows(read_table(tmp_path / "out"), reference)
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=180)
+
+
+# ------------------------------------------------------------------ transcoders
+def test_transcoder_settings_are_checked_before_any_work(tmp_path) -> None:
+    path = write_config(tmp_path, compute__table__basis="transcoders")
+    with pytest.raises(ConfigError, match=r"compute\.table\.basis: 'transcoders' needs model"):
+        plan(load_config(path))
+    # the bundled models are attention-only: no MLP for a transcoder to replace
+    import torch
+
+    from tests.test_transcoders import random_transcoders
+
+    random_transcoders(32, 2, torch.float32).save_circuit_tracer(tmp_path / "tc")
+    path = write_config(tmp_path, model__transcoders={"path": "tc"})
+    with pytest.raises(ConfigError, match=r"model\.transcoders\.path: .*attention-only"):
+        plan(load_config(path))
+    path = write_config(tmp_path, model__transcoders={"path": "nowhere"})
+    with pytest.raises(ConfigError, match=r"model\.transcoders\.path: .*nowhere"):
+        plan(load_config(path))
+
+
+_TRANSCODER_RUN = """
+import sys
+import pandas as pd
+from qk_lens.batch import load_config, read_table
+from qk_lens.batch.inputs import load_model
+from qk_lens.cli import main
+
+assert main(["run", "cfg.yaml", "--quiet"]) == 0
+got = read_table("out")
+cfg = load_config("cfg.yaml")
+model = load_model(cfg.model, cfg.base_dir)
+frames = []
+for i, p in enumerate(cfg.prompts.texts):
+    df = model.qk_attribution_table(p, 3, top_k=4, min_prob=0.05, basis="transcoders")
+    df.insert(0, "prompt", i)
+    frames.append(df)
+want = pd.concat(frames, ignore_index=True)
+key = ["prompt", "layer", "head", "q_pos", "k_pos", "rank"]
+got = got.sort_values(key).reset_index(drop=True)
+want = want.sort_values(key).reset_index(drop=True)
+for c in ("q_kind", "q_label", "k_kind", "k_label"):
+    want[c] = want[c].astype(str)
+pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=0, atol=0)
+print("rows", len(got), "feature terms", int((got["q_kind"] == "feature").sum()))
+"""
+
+
+def test_a_run_with_transcoders_on_a_pretrained_model(tmp_path) -> None:
+    """``model.transcoders`` on gpt2 (the tests' offline hub): the run's rows are the table
+    the model gives with basis='transcoders'."""
+    import torch
+
+    from tests.fake_hub import N_EMBD, N_LAYER, offline_env
+    from tests.test_transcoders import random_transcoders
+
+    env = offline_env(tmp_path / "hub")
+    tc = random_transcoders(N_EMBD, N_LAYER, torch.float32, "clt", d_tc=64)
+    tc.save_circuit_tracer(tmp_path / "clt")
+    cfg = {
+        "name": "tc",
+        "model": {"name": "gpt2", "transcoders": {"path": "clt"}},
+        "prompts": {"texts": ["the cat sat on the mat . the cat", "a dog ran . a dog ran"]},
+        "compute": {"table": {"layers": [3], "top_k": 4, "min_prob": 0.05, "basis": "transcoders"}},
+        "output": {"dir": "out", "chunk_size": 1},
+        "executor": {"kind": "local", "workers": 0, "threads_per_worker": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "check.py").write_text(_TRANSCODER_RUN)
+    out = subprocess.run(
+        [sys.executable, "check.py"], cwd=tmp_path, capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    import re
+
+    m = re.search(r"rows (\d+) feature terms (\d+)", out.stdout)
+    assert m, out.stdout[-2000:]
+    rows, feats = int(m.group(1)), int(m.group(2))
+    assert rows > 0 and feats > 0

@@ -41,13 +41,24 @@ class DictionarySpec(Strict):
             raise ValueError("release and id go together (a SAELens release and one of its ids)")
 
 
+class TranscoderSpec(Strict):
+    """Per-layer transcoders or a CLT in circuit-tracer's format: a directory or its
+    ``config.yaml`` (relative to the config's folder). Features at the first ``zero_positions``
+    positions count as inactive (circuit-tracer's BOS convention)."""
+
+    path: str = Field(min_length=1)
+    zero_positions: int = Field(default=1, ge=0)
+
+
 class ModelSpec(Strict):
     """``name``: a bundled model (``attn2-ln``), a directory ``toy.load`` reads, or a
-    TransformerLens / Hugging Face name (downloaded)."""
+    TransformerLens / Hugging Face name (downloaded). ``transcoders``: the replacement of every
+    MLP, for ``basis: transcoders``."""
 
     name: str = Field(min_length=1)
     bridge: bool = False
     dictionaries: list[DictionarySpec] = []
+    transcoders: TranscoderSpec | None = None
 
 
 class PromptsSpec(Strict):
@@ -82,7 +93,7 @@ class TableSpec(Strict):
     top_k: int = Field(default=32, gt=0)
     min_prob: float = Field(default=0.05, ge=0.0, le=1.0)
     max_pairs: int | None = Field(default=None, gt=0)
-    basis: Literal["dictionary", "upstream"] = "dictionary"
+    basis: Literal["dictionary", "upstream", "transcoders"] = "dictionary"
     # query positions per chunk of rows: bounds what a long prompt holds at once
     query_chunk: int = Field(default=256, gt=0)
 
@@ -261,6 +272,11 @@ def check_against_model(
     problems = []
     if cfg.compute.table is not None:
         problems += _table_problems(cfg.compute.table, n_layers, n_heads, list(dict_sizes))
+        if cfg.compute.table.basis == "transcoders" and cfg.model.transcoders is None:
+            problems.append(
+                "  compute.table.basis: 'transcoders' needs model.transcoders (a circuit-tracer "
+                "directory or config.yaml)"
+            )
     if cfg.compute.graphs is not None:
         missing = [layer for layer in range(1, n_layers) if layer not in dict_sizes]
         if missing:

@@ -22,7 +22,8 @@ def load_model(spec: ModelSpec, base_dir: str | Path = ".") -> Any:
             raise ConfigError(
                 "model.dictionaries: the bundled models ship their SAEs; leave the list out"
             )
-        return toy.load(spec.name if spec.name in toy.NAMES else local, bridge=spec.bridge or None)
+        model = toy.load(spec.name if spec.name in toy.NAMES else local, bridge=spec.bridge or None)
+        return _with_transcoders(model, spec, base_dir)
     if spec.bridge or not toy.hooked_transformer_available():
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -44,6 +45,16 @@ def load_model(spec: ModelSpec, base_dir: str | Path = ".") -> Any:
             p = d.path if d.path.startswith("hf://") else str(Path(base_dir) / d.path)
             sae = load_sae(p, device=device)
         model.add_dictionary(sae.to(device=device))
+    return _with_transcoders(model, spec, base_dir)
+
+
+def _with_transcoders(model: Any, spec: ModelSpec, base_dir: str | Path) -> Any:
+    if spec.transcoders is not None:
+        path = Path(base_dir) / spec.transcoders.path
+        try:
+            model.add_transcoders(path, zero_positions=spec.transcoders.zero_positions)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.transcoders.path: {e}") from None
     return model
 
 

@@ -86,6 +86,12 @@ def weights_fingerprint(model: Any) -> str:
             }
         for name, t in sorted(tensors.items()):
             add(f"dictionary {layer}.{name}", t)
+    tc = model.qk_transcoders
+    if tc is not None:
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold"):
+            for layer, t in enumerate(getattr(tc, name) or []):
+                add(f"transcoder {layer}.{name}", t)
+        h.update(f"{tc.activation} {tc.k} {tc.zero_positions} {tc.input_point}".encode())
     return h.hexdigest()
 
 
