@@ -268,7 +268,8 @@ class Transcoders:
             output_hook=_CT_OUTPUT[self.output_point],
             W_enc=self.W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_dec,
             W_skip=self.W_skip, threshold=self.threshold,
-            activation=self.activation, k=self.k, scan=self.scan, model_name=self.model_name,
+            activation=self.activation, k=self.k, scan=self.scan or self.name,
+            model_name=self.model_name,
         )  # fmt: skip
 
 
