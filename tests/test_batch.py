@@ -3,6 +3,7 @@ SIGKILL without loss or duplicates, the same rows from every executor, dead work
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from qk_lens.batch import ConfigError, load_config, parse_config, plan, read_tab
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (ROOT / "configs" / "prompts" / "toy_repeats.txt").read_text().splitlines()[:6]
 KEY = ["prompt", "layer", "head", "q_pos", "k_pos", "rank"]
+HAVE_SAE_LENS_HERE = importlib.util.find_spec("sae_lens") is not None
 
 
 def write_config(folder: Path, **changes) -> Path:
@@ -531,3 +533,39 @@ def test_a_run_with_transcoders_on_a_pretrained_model(tmp_path) -> None:
     assert m, out.stdout[-2000:]
     rows, feats = int(m.group(1)), int(m.group(2))
     assert rows > 0 and feats > 0
+
+
+_GPT2_RUN = """
+import yaml
+from qk_lens.batch import parse_config, read_table
+from qk_lens.cli import main
+
+raw = yaml.safe_load(open(CONFIG))
+# the example as written, with inline prompts for the dataset (the offline hub has none)
+raw["prompts"] = {"texts": ["When Mary and John went to the store, John gave a drink to",
+                            "The cat sat on the mat. The cat sat on the"], "max_tokens": 128}
+raw["output"]["dir"] = "out"
+raw["executor"]["workers"] = 0
+yaml.safe_dump(raw, open("cfg.yaml", "w"))
+assert main(["run", "cfg.yaml", "--quiet"]) == 0
+rows = read_table("out")
+print("rows", len(rows), "layers", sorted(set(rows["layer"])))
+"""
+
+
+def test_the_gpt2_small_example_config_runs(tmp_path) -> None:
+    """configs/gpt2-small-profile.yaml (online) on the tests' offline stand-in hub: its model,
+    its release and id load and the table is written (the prompts replaced by two texts)."""
+    from tests.fake_hub import offline_env
+
+    if not HAVE_SAE_LENS_HERE:
+        pytest.skip("the config names a SAELens release (stack (a))")
+    env = offline_env(tmp_path / "hub")
+    script = _GPT2_RUN.replace("CONFIG", repr(str(ROOT / "configs" / "gpt2-small-profile.yaml")))
+    (tmp_path / "check.py").write_text(script)
+    out = subprocess.run(
+        [sys.executable, "check.py"], cwd=tmp_path, capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "layers [5]" in out.stdout and "rows 0 " not in out.stdout
