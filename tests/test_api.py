@@ -74,7 +74,11 @@ def gemma2(request):
         ({"q_pos": "3"}, TypeError, "q_pos must be an int"),
         ({"q_pos": torch.tensor([3, 4])}, TypeError, "q_pos must be an int"),
         ({"k_pos": []}, ValueError, "k_pos is an empty list"),
-        ({"basis": "pca"}, ValueError, r"must be one of \('dictionary', 'upstream'\)"),
+        (
+            {"basis": "pca"},
+            ValueError,
+            r"must be one of \('dictionary', 'upstream', 'transcoders'\)",
+        ),
     ],
 )
 def test_bad_arguments(gpt2, kwargs, exc, match):
