@@ -286,6 +286,8 @@ class TranscoderSplit:
     transcoders: Transcoders
     dtype: torch.dtype
     inputs: list[Float[Tensor, "pos d_model"]]  # the transcoder's input at each layer
+    in_norm: list[Any]  # the MLP's own norm (FrozenNorm), whose frozen scale the input uses
+    in_scale: list[Float[Tensor, "pos"]]
     post_scale: list[Float[Tensor, "pos"] | None]  # the frozen post-MLP norm scale (raw output)
     post: list[Any]  # FrozenNorm or None per layer: maps a raw write into the residual
     bias: Float[Tensor, "layer pos d_model"]
@@ -300,7 +302,7 @@ class TranscoderSplit:
     def compute(cls, tc: Transcoders, arch: ModelArch, cap: Capture) -> TranscoderSplit:
         dt = arch.dtype
         T = cap.n_tokens
-        inputs, scales, posts = [], [], []
+        inputs, scales, posts, in_norms, in_scales = [], [], [], [], []
         lay, pos, ids, acts = [], [], [], []
         for lyr in range(arch.n_layers):
             la = arch.layer(lyr)
@@ -319,6 +321,8 @@ class TranscoderSplit:
             else:
                 x_in = pre_norm.forward(mid, sigma)
             inputs.append(x_in)
+            in_norms.append(pre_norm)
+            in_scales.append(sigma)
             post = None if la.mlp_out is None else la.mlp_out.to(dt)
             if tc.output_point == "raw" and post is not None:
                 # The raw MLP output is not a hook: run the MLP at the captured point once for
@@ -340,7 +344,7 @@ class TranscoderSplit:
             ids.append(f_idx)
             acts.append(a[p_idx, f_idx])
         split = cls(
-            tc, dt, inputs, scales, posts,
+            tc, dt, inputs, in_norms, in_scales, scales, posts,
             bias=torch.zeros(arch.n_layers, T, arch.d_model, dtype=dt),
             skip=None, error=torch.zeros(arch.n_layers, T, arch.d_model, dtype=dt),
             feat_layer=torch.cat(lay), feat_pos=torch.cat(pos), feat_id=torch.cat(ids),
@@ -362,6 +366,60 @@ class TranscoderSplit:
         if tc.has_skip:
             split.skip = torch.stack(skips)
         return split
+
+    # ------------------------------------------------------------------ frozen linear maps
+    def in_adjoint(
+        self, layer: int, g: Float[Tensor, "... d_model"], positions: Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The adjoint of the (frozen, linear part of the) map from the MLP's pre-norm input to
+        the transcoder's input, at ``positions``: a covector on ``x_in`` → one on ``mid``."""
+        point = self.transcoders.input_point
+        if point == "resid_mid":
+            return g
+        norm, sigma = self.in_norm[layer], self.in_scale[layer][positions]
+        if point == "normalized":
+            out = g - g.mean(-1, keepdim=True) if norm.centers else g
+            return out if norm.is_identity else out / sigma[..., None]
+        return norm.transpose(g, sigma)
+
+    def in_linear(
+        self, layer: int, v: Float[Tensor, "... d_model"], positions: Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The frozen linear map ``mid → x_in`` (no bias) at ``positions``."""
+        point = self.transcoders.input_point
+        if point == "resid_mid":
+            return v
+        norm, sigma = self.in_norm[layer], self.in_scale[layer][positions]
+        shape = v.shape
+        v2, s2 = v.reshape(-1, shape[-1]), sigma.reshape(-1)
+        if point == "normalized":
+            return linearize_norm(v2, s2, norm.kind, None).reshape(shape)
+        return norm.linear(v2, s2).reshape(shape)
+
+    def post_adjoint(
+        self, layer: int, g: Float[Tensor, "... d_model"], positions: Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        post = self.post[layer]
+        return g if post is None else post.transpose(g, self.post_scale[layer][positions])
+
+    def skip_linear(
+        self, layer: int, v: Float[Tensor, "... d_model"], positions: Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The skip connection's frozen linear map ``mid → residual`` at ``positions``."""
+        W = self.transcoders.weights("W_skip", self.dtype, v.device)[layer]
+        out = self.in_linear(layer, v, positions) @ W
+        post = self.post[layer]
+        if post is None:
+            return out
+        shape = out.shape
+        sig = self.post_scale[layer][positions].reshape(-1)
+        return post.linear(out.reshape(-1, shape[-1]), sig).reshape(shape)
+
+    def skip_adjoint(
+        self, layer: int, g: Float[Tensor, "... d_model"], positions: Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        W = self.transcoders.weights("W_skip", self.dtype, g.device)[layer]
+        return self.in_adjoint(layer, self.post_adjoint(layer, g, positions) @ W.T, positions)
 
     def to_resid(self, layer: int, v: Float[Tensor, "n d_model"], bias: bool = False) -> Tensor:
         """A raw transcoder write at every position into residual space (post-MLP norm at its

@@ -6,6 +6,8 @@ from qk_lens.graph.export import save_neuronpedia, to_neuronpedia
 from qk_lens.graph.loadings import HeadLoadings, head_loadings
 from qk_lens.graph.nodes import NODE_COLUMNS, NODE_KINDS, READOUTS
 from qk_lens.graph.result import Graph
+from qk_lens.graph.transcoder_build import transcoder_graph, transcoder_loadings
+from qk_lens.graph.transcoder_result import TranscoderGraph, TranscoderLoadings
 
 __all__ = [
     "NODE_COLUMNS",
@@ -13,8 +15,12 @@ __all__ = [
     "READOUTS",
     "Graph",
     "HeadLoadings",
+    "TranscoderGraph",
+    "TranscoderLoadings",
     "attribution_graph",
     "head_loadings",
     "save_neuronpedia",
     "to_neuronpedia",
+    "transcoder_graph",
+    "transcoder_loadings",
 ]

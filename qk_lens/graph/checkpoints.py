@@ -185,40 +185,15 @@ class Checkpoints:
         return block_maps(self.model, self.cap, layer)
 
     # ------------------------------------------------------------------ logits
+    @property
+    def logits(self) -> LogitReadouts:
+        return LogitReadouts(self.arch, self.resid(self.n_layers), self.dtype, self.device)
+
     def final_logits(self, pos: int) -> Float[Tensor, "vocab"]:
-        """The raw (pre-softcap) logits at ``pos``, from the capture: no second forward."""
-        x = self.resid(self.n_layers).to(self.device)[pos]
-        norm = self._final_norm()
-        h = norm.forward(x[None], norm.scale(x[None]))[0]
-        W_U, b_U = self._unembed()
-        return h @ W_U + b_U
-
-    def _final_norm(self) -> FrozenNorm:
-        return self.arch.final_norm.to(self.dtype, self.device)
-
-    def _unembed(self) -> tuple[Float[Tensor, "d_model vocab"], Float[Tensor, "vocab"]]:
-        return self.arch.W_U.to(self.device, self.dtype), self.arch.b_U.to(self.device, self.dtype)
+        return self.logits.final_logits(pos)
 
     def logit_targets(self, specs: list[tuple[int, int]], pos: int) -> Targets:
-        """Readouts of demeaned logits (or logit differences, ``b >= 0``) at ``pos``."""
-        norm = self._final_norm()
-        x = self.resid(self.n_layers).to(self.device)[pos]
-        scale = norm.scale(x[None])
-        W_U, b_U = self._unembed()
-        # Mean-centred columns (logit − mean logit), only for the targets' tokens.
-        mean_col, mean_b = W_U.mean(1), b_U.mean()
-        a = torch.tensor([s[0] for s in specs], device=self.device)
-        b = torch.tensor([max(s[1], 0) for s in specs], device=self.device)
-        is_diff = torch.tensor([s[1] >= 0 for s in specs], device=self.device)
-        # A difference a − b cancels the means; a single logit subtracts them.
-        cols = W_U[:, a].T - torch.where(is_diff[:, None], W_U[:, b].T, mean_col[None])
-        consts = b_U[a] - torch.where(is_diff, b_U[b], mean_b)
-        readout = norm.transpose(cols, scale.expand(len(specs)))
-        if norm.bias is not None:
-            consts = consts + cols @ norm.bias
-        positions = torch.full((len(specs),), pos, dtype=torch.long, device=self.device)
-        value = (readout * x).sum(-1) + consts
-        return Targets(readout, consts, positions, value)
+        return self.logits.logit_targets(specs, pos)
 
     # ------------------------------------------------------------------ edges
     def edge_block(
@@ -259,6 +234,53 @@ class Checkpoints:
             out[sl] = row[:, flat]
             offset[sl] = targets.const[sl] + (u_head * bm.bias_out(pos)).sum(-1)
         return out, offset
+
+
+class LogitReadouts:
+    """Logit targets read off the final residual ``x_n`` (ln_final frozen at its scale there)."""
+
+    def __init__(
+        self, arch: Any, x_final: Float[Tensor, "pos d_model"], dtype: torch.dtype, device: Any
+    ) -> None:
+        self.arch = arch
+        self.x = x_final.to(device)
+        self.dtype = dtype
+        self.device = device
+
+    def final_logits(self, pos: int) -> Float[Tensor, "vocab"]:
+        """The raw (pre-softcap) logits at ``pos``, from the capture: no second forward."""
+        x = self.x[pos]
+        norm = self._final_norm()
+        h = norm.forward(x[None], norm.scale(x[None]))[0]
+        W_U, b_U = self._unembed()
+        return h @ W_U + b_U
+
+    def _final_norm(self) -> FrozenNorm:
+        return self.arch.final_norm.to(self.dtype, self.device)
+
+    def _unembed(self) -> tuple[Float[Tensor, "d_model vocab"], Float[Tensor, "vocab"]]:
+        return self.arch.W_U.to(self.device, self.dtype), self.arch.b_U.to(self.device, self.dtype)
+
+    def logit_targets(self, specs: list[tuple[int, int]], pos: int) -> Targets:
+        """Readouts of demeaned logits (or logit differences, ``b >= 0``) at ``pos``."""
+        norm = self._final_norm()
+        x = self.x[pos]
+        scale = norm.scale(x[None])
+        W_U, b_U = self._unembed()
+        # Mean-centred columns (logit − mean logit), only for the targets' tokens.
+        mean_col, mean_b = W_U.mean(1), b_U.mean()
+        a = torch.tensor([s[0] for s in specs], device=self.device)
+        b = torch.tensor([max(s[1], 0) for s in specs], device=self.device)
+        is_diff = torch.tensor([s[1] >= 0 for s in specs], device=self.device)
+        # A difference a − b cancels the means; a single logit subtracts them.
+        cols = W_U[:, a].T - torch.where(is_diff[:, None], W_U[:, b].T, mean_col[None])
+        consts = b_U[a] - torch.where(is_diff, b_U[b], mean_b)
+        readout = norm.transpose(cols, scale.expand(len(specs)))
+        if norm.bias is not None:
+            consts = consts + cols @ norm.bias
+        positions = torch.full((len(specs),), pos, dtype=torch.long, device=self.device)
+        value = (readout * x).sum(-1) + consts
+        return Targets(readout, consts, positions, value)
 
 
 def pad_by_position(

@@ -1,0 +1,196 @@
+"""Transcoder attribution graphs and their head loadings, against autograd through the model's
+own forward: attention patterns and norm scales frozen by hooks, every MLP output replaced by a
+constant plus the skip connection's live path, sources injected where they write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qk_lens.graph import transcoder_graph, transcoder_loadings
+from tests.models import HOOKED, make_tokens
+from tests.test_transcoders import model_of, random_transcoders
+
+pytestmark = pytest.mark.skipif(not HOOKED, reason="hooks of HookedTransformer (stack (a))")
+N_TOK = 10
+CASES = [
+    ("gpt2", "skip-jumprelu", "resid_mid"),
+    ("gpt2", "clt", "normalized"),
+    ("llama", "relu", "normalized"),
+    ("llama", "clt-jumprelu", "resid_mid"),
+    ("gemma2", "relu", "normalized"),
+    ("gemma2", "clt", "normalized"),
+]
+
+
+def _frozen_grads(model, tokens, tc, split, readout, keep_heads=None, skip=True):
+    """Gradients of ``readout(cache)`` w.r.t. an injection at each layer's MLP output
+    (``[layer, pos, d_model]``) and at the embeddings (``[pos, d_model]``), through the model's
+    forward with patterns and scales frozen. ``keep_heads``: (layer, head) pairs whose pattern
+    stays; every other head's is zeroed (None: all stay)."""
+    n, T, d = model.cfg.n_layers, len(tokens), model.cfg.d_model
+    _, cache = model.run_with_cache(tokens[None])
+    delta = torch.zeros(n, T, d, dtype=torch.float64, requires_grad=True)
+    delta_e = torch.zeros(T, d, dtype=torch.float64, requires_grad=True)
+    saved: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def pattern(x, hook):
+        layer = int(hook.name.split(".")[1])
+        p = cache[hook.name].detach().clone()
+        if keep_heads is not None:
+            mask = torch.zeros(p.shape[1], dtype=torch.bool)
+            for lyr, h in keep_heads:
+                if lyr == layer:
+                    mask[h] = True
+            p[:, ~mask] = 0
+        return p
+
+    def scale(x, hook):  # the scale of the unedited forward, not of this one
+        return cache[hook.name].detach().clone()
+
+    def save(x, hook):
+        saved[hook.name] = x
+        return x
+
+    def mlp_out(x, hook):
+        k = int(hook.name.split(".")[1])
+        out = x.detach() + delta[k]
+        if skip and tc.has_skip:
+            assert tc.input_point == "resid_mid"
+            s = saved[f"blocks.{k}.hook_resid_mid"] @ tc.W_skip[k]
+            out = out + s - s.detach()
+        return out
+
+    for name in model.hook_dict:
+        if name.endswith("attn.hook_pattern"):
+            hooks.append((name, pattern))
+        elif name.endswith("hook_scale") and ("ln" in name):
+            hooks.append((name, scale))
+        elif name.endswith(("hook_resid_mid", "ln2.hook_normalized", "ln_final.hook_normalized")):
+            hooks.append((name, save))
+        elif name.endswith("hook_mlp_out"):
+            hooks.append((name, mlp_out))
+    hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: x + delta_e))
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+        r = readout(saved, logits)
+        g, ge = torch.autograd.grad(r, (delta, delta_e), allow_unused=True)
+    return g, ge
+
+
+tc_model: list = [None]  # the model the logit readouts unembed with
+
+
+def _readout(tc, node):
+    kind, layer, pos, feat = node.kind, int(node.layer), int(node.position), int(node.feature)
+    if kind == "logit":  # raw logits (before any output softcap), from ln_final's own hook
+
+        def logit(saved, logits, model=tc_model[0]):
+            lf = model.ln_final
+            h = saved["ln_final.hook_normalized"][0, pos] * lf.w
+            if hasattr(lf, "b"):
+                h = h + lf.b
+            raw = h @ model.W_U + model.b_U
+            return raw[feat] - raw.mean()
+
+        return logit
+    hook = {"resid_mid": "hook_resid_mid", "normalized": "ln2.hook_normalized"}[tc.input_point]
+
+    def r(saved, logits):
+        x = saved[f"blocks.{layer}.{hook}"][0, pos]
+        return x @ tc.W_enc[layer][:, feat] + tc.b_enc[layer][feat]
+
+    return r
+
+
+def _writes(model, tc, split, node, cache):
+    """{layer: residual-space vector} a source node writes, from the weights (and the model's
+    own post-MLP norm scale)."""
+    kind, layer, pos = node.kind, int(node.layer), int(node.position)
+    if kind == "embedding":
+        return {-1: cache["blocks.0.hook_resid_pre"][0, pos]}
+    if kind == "error":
+        return {layer: split.error[layer][pos]}
+    a = float(node.activation)
+    out = {}
+    for k in tc.output_layers(layer):
+        row = tc.W_dec[layer][int(node.feature)]
+        v = a * (row[k - layer] if tc.cross_layer else row)
+        if split.post[k] is not None:  # Gemma's post-MLP RMS norm at the model's own scale
+            v = v * model.blocks[k].ln2_post.w / cache[f"blocks.{k}.ln2_post.hook_scale"][0, pos]
+        out[k] = v
+    return out
+
+
+def _edge(g, ge, writes, pos):
+    return sum(float((ge if k < 0 else g[k])[pos] @ v) for k, v in writes.items())
+
+
+@pytest.mark.parametrize(("name", "kind", "point"), CASES)
+def test_edges_and_head_loadings_match_autograd(name, kind, point):
+    model, _, _ = model_of(name, torch.float64)
+    out = "raw" if name == "gemma2" else "mlp_out"
+    tc = model.add_transcoders(
+        random_transcoders(model.cfg.d_model, 3, torch.float64, kind, d_tc=24,
+                           output_point=out, input_point=point)
+    )  # fmt: skip
+    tc_model[0] = model
+    tokens = make_tokens(model, N_TOK, seed=4)[0]
+    g = transcoder_graph(model, tokens, prune_graph=False, max_n_logits=2)
+    hl = transcoder_loadings(model, g)
+    assert hl.check() < 1e-10
+    split = tc.split(model, model.qk_capture(tokens))
+    _, cache = model.run_with_cache(tokens[None])
+    nodes, edges = g.nodes, g.edges
+    # the last position's targets at every layer, and the logits
+    picks = []
+    for lyr in range(1, 4):
+        kind_ = "logit" if lyr == 3 else "feature"
+        sel = nodes[(nodes["kind"] == kind_) & (nodes["layer"] == lyr)]
+        sel = sel[sel["position"] == sel["position"].max()]
+        picks += list(sel.index[:2])
+    checked = heads_checked = 0
+    for t in picks:
+        tnode = nodes.loc[t]
+        readout = _readout(tc, tnode)
+        g_full, ge_full = _frozen_grads(model, tokens, tc, split, readout)
+        inc = edges[edges["target_index"] == t]
+        assert len(inc) > 0
+        # the readout itself: the pre-activation (or demeaned logit) the graph recorded
+        for e in inc.itertuples():
+            src = nodes.loc[e.source_index]
+            ref = _edge(g_full, ge_full, _writes(model, tc, split, src, cache), int(src.position))
+            assert e.weight == pytest.approx(ref, rel=1e-9, abs=1e-11), (e.source, e.target)
+            checked += 1
+        # heads: (only head (l, h)) − (no head); residual: no head and no skip
+        g0, ge0 = _frozen_grads(model, tokens, tc, split, readout, keep_heads=[])
+        g00, ge00 = _frozen_grads(model, tokens, tc, split, readout, keep_heads=[], skip=False)
+        cross = inc[inc["source_pos"] != inc["target_pos"]].head(6)
+        for e in inc.head(6).itertuples():
+            src = nodes.loc[e.source_index]
+            w = _writes(model, tc, split, src, cache)
+            p = int(src.position)
+            zero = _edge(g0, ge0, w, p)
+            resid = _edge(g00, ge00, w, p)
+            assert float(hl.residual[e.Index]) == pytest.approx(resid, rel=1e-9, abs=1e-11)
+            assert float(hl.mlp[e.Index]) == pytest.approx(zero - resid, rel=1e-9, abs=1e-11)
+        for e in cross.itertuples():
+            src = nodes.loc[e.source_index]
+            w = _writes(model, tc, split, src, cache)
+            p = int(src.position)
+            flat = hl.heads[e.Index].abs().reshape(-1)
+            for i in flat.argsort(descending=True)[:2].tolist():
+                lyr, h = divmod(i, model.cfg.n_heads)
+                gh, geh = _frozen_grads(model, tokens, tc, split, readout, keep_heads=[(lyr, h)])
+                ref = _edge(gh, geh, w, p) - _edge(g0, ge0, w, p)
+                got = float(hl.heads[e.Index, lyr, h])
+                assert got == pytest.approx(ref, rel=1e-8, abs=1e-11), (e.source, e.target, lyr, h)
+                heads_checked += 1
+    assert checked > 30 and heads_checked > 4
+    # an edge across positions: its heads say where to look, and the QK attribution explains
+    far = edges[(edges["source_pos"] < edges["target_pos"])].index[0]
+    attr = hl.qk_attribution(int(far))
+    assert attr.q_pos == int(edges.loc[far, "target_pos"])
+    assert attr.k_pos == int(edges.loc[far, "source_pos"])
+    assert abs(float(attr.terms.sum()) - attr.model_raw_score) < 1e-9
