@@ -184,6 +184,12 @@ class Transcoders:
         """Feature descriptions of one layer (anything :func:`qk_lens.labels.load_labels` reads)."""
         self.labels[int(layer)] = load_labels(labels, d_sae=self.d_transcoder)
 
+    def digest(self) -> list[float]:
+        """A cheap identity of the weights (per-layer sums of W_enc and W_dec, in float64): what a
+        graph records to refuse other transcoders."""
+        return [float(t.double().sum()) for pair in zip(self.W_enc, self.W_dec, strict=True)
+                for t in pair]  # fmt: skip
+
     def neuronpedia_id(self, layer: int) -> str | None:
         return None if self.neuronpedia_ids is None else self.neuronpedia_ids[layer]
 

@@ -11,7 +11,7 @@ from qk_lens.graph import transcoder_graph, transcoder_loadings
 from tests.models import HOOKED, make_tokens
 from tests.test_transcoders import model_of, random_transcoders
 
-pytestmark = pytest.mark.skipif(not HOOKED, reason="hooks of HookedTransformer (stack (a))")
+needs_hooked = pytest.mark.skipif(not HOOKED, reason="hooks of HookedTransformer (stack (a))")
 N_TOK = 10
 CASES = [
     ("gpt2", "skip-jumprelu", "resid_mid"),
@@ -127,6 +127,7 @@ def _edge(g, ge, writes, pos):
     return sum(float((ge if k < 0 else g[k])[pos] @ v) for k, v in writes.items())
 
 
+@needs_hooked
 @pytest.mark.parametrize(("name", "kind", "point"), CASES)
 def test_edges_and_head_loadings_match_autograd(name, kind, point):
     model, _, _ = model_of(name, torch.float64)
@@ -194,3 +195,47 @@ def test_edges_and_head_loadings_match_autograd(name, kind, point):
     assert attr.q_pos == int(edges.loc[far, "target_pos"])
     assert attr.k_pos == int(edges.loc[far, "source_pos"])
     assert abs(float(attr.terms.sum()) - attr.model_raw_score) < 1e-9
+
+
+BRIDGE_CASES = [("GPT2LMHeadModel", "skip-jumprelu"), ("LlamaForCausalLM", "clt"),
+                ("Gemma2ForCausalLM", "relu")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kind"), BRIDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bridge_graphs_loadings_and_pruning(name, kind, dtype):
+    """On TransformerBridge models (both stacks): every edge's parts sum to it and the heads to
+    the one-hop sweep; the pruned graph keeps the logits and embeddings; a far edge's QK
+    attribution sums to the bridge's score."""
+    model, _, _ = model_of(name, dtype)
+    out = "raw" if "Gemma" in name else "mlp_out"
+    tc = model.add_transcoders(
+        random_transcoders(model.cfg.d_model, 3, dtype, kind, d_tc=24, output_point=out,
+                           input_point="resid_mid" if "skip" in kind else "mlp_input")
+    )  # fmt: skip
+    tokens = make_tokens(model, N_TOK, seed=5)[0]
+    full = transcoder_graph(model, tokens, prune_graph=False, max_n_logits=2)
+    pruned = transcoder_graph(model, tokens, max_n_logits=2, node_threshold=0.6, edge_threshold=0.9)
+    assert pruned.n_edges < full.n_edges and pruned.n_nodes < full.n_nodes
+    kinds = pruned.nodes["kind"].value_counts()
+    assert kinds["logit"] == 2 and kinds["embedding"] == N_TOK
+    # every kept edge is the same edge of the full graph
+    fe = full.edges.set_index(["source", "target"])["weight"]
+    pe = pruned.edges.set_index(["source", "target"])["weight"]
+    assert (fe.loc[pe.index] - pe).abs().max() == 0
+    for g in (full, pruned):
+        hl = transcoder_loadings(model, g)
+        hl.check()
+    e = int(pruned.edges.query("source_pos < target_pos").index[0])
+    attr = hl.qk_attribution(e)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4 * attr.scale
+    assert abs(float(attr.terms.sum()) - attr.model_raw_score) <= tol
+    if tc.has_skip:
+        assert hl.mlp.abs().max() > 0
+    # a graph refuses other transcoders (activations differ)
+    other = random_transcoders(model.cfg.d_model, 3, dtype, kind, d_tc=24, output_point=out,
+                               input_point=tc.input_point, seed=9)  # fmt: skip
+    model.add_transcoders(other)
+    with pytest.raises(ValueError, match="built with other transcoders"):
+        transcoder_loadings(model, pruned)
+    model.add_transcoders(tc)

@@ -228,6 +228,7 @@ def transcoder_graph(
         "d_model": int(model.cfg.d_model),
         "d_vocab": int(model.cfg.d_vocab),
         "transcoders": tc.name,
+        "transcoder_digest": tc.digest(),
         "scan": tc.scan or tc.name,
         "cross_layer": tc.cross_layer,
         "prompt": prompt if isinstance(prompt, str) else None,
@@ -327,6 +328,7 @@ def transcoder_loadings(
     if tc is None:
         raise ValueError("no transcoders on the model: model.add_transcoders(...) first")
     graph.check_model(model)
+    graph.check_transcoders(tc)
     cap = capture_tokens(model, graph.tokens)
     sweep = Sweep(model, cap, tc)
     graph.check_activations(sweep.split)

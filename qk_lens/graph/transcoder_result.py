@@ -14,7 +14,7 @@ from torch import Tensor
 from qk_lens.arch import arch_of
 from qk_lens.attribution import CompletenessError, QKAttribution, qk_attribution
 from qk_lens.checks import as_int
-from qk_lens.transcoders import TranscoderSplit
+from qk_lens.transcoders import Transcoders, TranscoderSplit
 
 
 @dataclass
@@ -108,6 +108,18 @@ class TranscoderGraph:
                     f"model has {key}={value}"
                 )
 
+    def check_transcoders(self, tc: Transcoders) -> None:
+        """ValueError unless ``tc`` are the transcoders the graph was built with."""
+        want = self.metadata.get("transcoder_digest")
+        got = tc.digest()
+        if want is None:
+            return
+        if len(want) != len(got) or not np.allclose(want, got, rtol=1e-6, atol=1e-9):
+            raise ValueError(
+                f"the graph was built with other transcoders ({self.metadata.get('transcoders')!r}"
+                f", {len(want) // 2} layers) than the model's ({tc.name!r}, {tc.n_layers} layers)"
+            )
+
     def check_activations(self, split: TranscoderSplit) -> None:
         """ValueError unless every feature node is active on the model with its activation."""
         f = self.nodes[self.nodes["kind"] == "feature"]
@@ -165,10 +177,10 @@ class TranscoderLoadings:
 
     def check(self, tolerance: float | None = None) -> float:
         """Raise :class:`~qk_lens.CompletenessError` unless the parts sum to every edge (and the
-        heads to the one-hop sweep): 1e-10 in float64, 1e-5 in float32 (relative)."""
+        heads to the one-hop sweep): 1e-10 in float64, 1e-4 in float32 (relative)."""
         tol = tolerance
         if tol is None:
-            tol = 1e-10 if self.residual.dtype == torch.float64 else 1e-5
+            tol = 1e-10 if self.residual.dtype == torch.float64 else 1e-4
         err = self.errors()
         worst = float(err.max()) if len(err) else 0.0
         if not worst <= tol:  # NaN fails
