@@ -239,3 +239,108 @@ def test_bridge_graphs_loadings_and_pruning(name, kind, dtype):
     with pytest.raises(ValueError, match="built with other transcoders"):
         transcoder_loadings(model, pruned)
     model.add_transcoders(tc)
+
+
+def _circuit_tracer_json(g, n_layers):
+    """The graph as circuit-tracer's create_graph_files writes it (its Node conventions: error
+    ids 0_{layer}_{pos}, feature = Cantor pairing, logits at layer n + 1), written here by hand
+    from the graph's node table (not by qk_lens's exporter)."""
+    nd = g.nodes
+    ids, nodes = [], []
+    for r in nd.itertuples():
+        lay, pos, f = int(r.layer), int(r.position), int(r.feature)
+        if r.kind == "feature":
+            nid = f"{lay}_{f}_{pos}"
+            node = dict(node_id=nid, feature=(lay + f) * (lay + f + 1) // 2 + f, layer=str(lay),
+                        ctx_idx=pos, feature_type="cross layer transcoder",
+                        jsNodeId=f"{lay}_{f}-0", activation=float(r.activation))  # fmt: skip
+        elif r.kind == "error":
+            nid = f"0_{lay}_{pos}"
+            node = dict(node_id=nid, feature=-1, layer=str(lay), ctx_idx=pos,
+                        feature_type="mlp reconstruction error", jsNodeId=f"{lay}_{pos}-0")  # fmt: skip
+        elif r.kind == "embedding":
+            nid = f"E_{f}_{pos}"
+            node = dict(node_id=nid, feature=pos, layer="E", ctx_idx=pos, feature_type="embedding",
+                        jsNodeId=f"E_{f}-{pos}")  # fmt: skip
+        else:
+            nid = f"{n_layers + 1}_{f}_{pos}"
+            node = dict(node_id=nid, feature=f, layer=str(n_layers + 1), ctx_idx=pos,
+                        feature_type="logit", jsNodeId=f"L_{f}-{pos}", token_prob=float(r.prob),
+                        is_target_logit=False)  # fmt: skip
+        node.update(clerp="", influence=float(r.cumulative_influence))
+        ids.append(nid)
+        nodes.append(node)
+    links = [
+        {"source": ids[s], "target": ids[t], "weight": float(w)}
+        for s, t, w in zip(g.edge_source.tolist(), g.edge_target.tolist(),
+                           g.edge_weight.tolist(), strict=True)
+    ]  # fmt: skip
+    meta = dict(slug="t", scan="test-scan", transcoder_list=[], prompt_tokens=g.str_tokens,
+                prompt=" ".join(g.str_tokens), node_threshold=0.8, schema_version=1)  # fmt: skip
+    qp = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    return {"metadata": meta, "qParams": qp, "nodes": nodes, "links": links}
+
+
+def test_circuit_tracer_graph_json_round_trip(tmp_path):
+    """A circuit-tracer-format transcoder set and graph JSON written here: load → loadings →
+    QK → export, and the export validates against the frontend's fields."""
+    import json
+
+    from qk_lens.graph import load_graph_json, save_transcoder_neuronpedia, validate_neuronpedia
+
+    model, _, _ = model_of("GPT2LMHeadModel", torch.float64)
+    ref = random_transcoders(model.cfg.d_model, 3, torch.float64, "clt", d_tc=24)
+    ref.save_circuit_tracer(tmp_path / "clt")
+    tc = model.add_transcoders(tmp_path / "clt")
+    tokens = make_tokens(model, 9, seed=6)[0]
+    g = transcoder_graph(model, tokens, max_n_logits=2, node_threshold=0.95, edge_threshold=0.95)
+    assert (g.nodes["kind"] == "feature").sum() > 0
+    data = _circuit_tracer_json(g, 3)
+    if True:  # (the model has no tokenizer: the file's prompt is given as its token ids)
+        (tmp_path / "graph.json").write_text(json.dumps(data))
+        back = load_graph_json(model, tmp_path / "graph.json", tokens=tokens)
+        assert back.n_edges == g.n_edges and back.n_nodes == g.n_nodes
+        assert back.metadata["json_max_rel_diff"] < 1e-9  # the file's weights, recomputed
+        hl = transcoder_loadings(model, back)
+        hl.check()
+        e = int(back.edges.query("source_pos < target_pos").index[0])
+        attr = hl.qk_attribution(e)
+        assert abs(float(attr.terms.sum()) - attr.model_raw_score) < 1e-9
+        path = save_transcoder_neuronpedia(back, model, tmp_path / "out.json", loadings=hl)
+        out = json.loads(path.read_text())
+        validate_neuronpedia(out)
+        traced = [n for n in out["nodes"] if "qk_tracing_results" in n]
+        assert traced and out["qk_only_nodes"]
+        for link in out["links"]:
+            parts = link["head_loadings"]
+            total = (
+                parts["residual"]
+                + parts["mlp"]
+                + parts["multi_head"]
+                + sum(sum(v) for v in parts["heads"].values())
+            )
+            assert total == pytest.approx(link["weight"], rel=1e-9, abs=1e-12)
+        rec = traced[0]["qk_tracing_results"]
+        ids = {n["node_id"] for n in out["nodes"]} | set(out["qk_only_nodes"])
+        assert all(q in ids and k in ids for q, k, _ in rec["pair_wise_contributors"])
+        # the export reads back too, to the same edges
+        again = load_graph_json(model, out, tokens=tokens)
+        assert torch.allclose(again.edge_weight, back.edge_weight)
+        # refusals: another prompt, another model's logits, other transcoders
+        bad = json.loads(json.dumps(data))
+        bad["nodes"][[n["feature_type"] for n in bad["nodes"]].index("embedding")]["node_id"] = (
+            "E_99_0"
+        )
+        with pytest.raises(ValueError, match="another prompt"):
+            load_graph_json(model, bad, tokens=tokens)
+        bad = json.loads(json.dumps(data))
+        for n in bad["nodes"]:
+            if n["feature_type"] == "logit":
+                n["layer"] = "13"
+        with pytest.raises(ValueError, match="another model"):
+            load_graph_json(model, bad, tokens=tokens)
+        model.add_transcoders(random_transcoders(model.cfg.d_model, 3, torch.float64, "clt",
+                                                 d_tc=24, seed=11))  # fmt: skip
+        with pytest.raises(ValueError, match="not active|activation"):
+            load_graph_json(model, data, tokens=tokens)
+    model.add_transcoders(tc)

@@ -4,12 +4,19 @@ block, circuit-tracer's pruning, the graph result, head loadings, and the Neuron
 from qk_lens.graph.build import attribution_graph
 from qk_lens.graph.export import save_neuronpedia, to_neuronpedia
 from qk_lens.graph.loadings import HeadLoadings, head_loadings
+from qk_lens.graph.neuronpedia_schema import NEURONPEDIA_SCHEMA, validate_neuronpedia
 from qk_lens.graph.nodes import NODE_COLUMNS, NODE_KINDS, READOUTS
 from qk_lens.graph.result import Graph
 from qk_lens.graph.transcoder_build import transcoder_graph, transcoder_loadings
+from qk_lens.graph.transcoder_json import (
+    load_graph_json,
+    save_transcoder_neuronpedia,
+    transcoder_to_neuronpedia,
+)
 from qk_lens.graph.transcoder_result import TranscoderGraph, TranscoderLoadings
 
 __all__ = [
+    "NEURONPEDIA_SCHEMA",
     "NODE_COLUMNS",
     "NODE_KINDS",
     "READOUTS",
@@ -19,8 +26,12 @@ __all__ = [
     "TranscoderLoadings",
     "attribution_graph",
     "head_loadings",
+    "load_graph_json",
+    "save_transcoder_neuronpedia",
     "save_neuronpedia",
     "to_neuronpedia",
     "transcoder_graph",
     "transcoder_loadings",
+    "transcoder_to_neuronpedia",
+    "validate_neuronpedia",
 ]

@@ -47,6 +47,7 @@ import importlib.metadata
 import json
 import math
 import re
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -352,12 +353,16 @@ def _part_id(kind: str, layer: int, head: int, pos: int, feature: int, tokens: l
     return f"{kind.replace(' ', '_')}@{pos}"
 
 
-def _qk_record(
-    attr: Any, tokens: list[int], layer_map: dict[int, int], top_k: int
+def qk_record(
+    attr: Any, part_id: Callable[[str, int, int, int, int], str], top_k: int
 ) -> dict[str, Any]:
+    """A QK attribution as Neuronpedia's ``qk_tracing_results``: the top pair-wise terms and the
+    top query-side / key-side marginals, each part named by ``part_id(kind, layer, head, pos,
+    feature)``; plus the score, the pattern and the parts' labels."""
+
     def ids(meta: dict) -> list[str]:
         return [
-            _part_id(str(k), int(lay), int(h), int(p), int(f), tokens, layer_map)
+            part_id(str(k), int(lay), int(h), int(p), int(f))
             for k, lay, h, p, f in zip(
                 meta["kind"], meta["layer"], meta["head"], meta["position"], meta["feature"],
                 strict=True,
@@ -423,7 +428,11 @@ def _attach_qk(
             if flat.reshape(-1)[b] == 0:
                 continue
             attr = graph.qk_attribution(model, e, h)
-            rec = _qk_record(attr, tokens, layer_map, top_k)
+            rec = qk_record(
+                attr,
+                lambda k, lay, h, p, f: _part_id(k, lay, h, p, f, tokens, layer_map),
+                top_k,
+            )
             w = float(graph.edge_weight[e])
             loading = float(loadings.heads[e, h])
             rec.update(
