@@ -24,16 +24,23 @@ from qk_lens.attribution import (
     QKContrast,
     inhibitors,
 )
-from qk_lens.bases import DictionaryBasis, PartsBatch, UpstreamBasis
+from qk_lens.bases import DictionaryBasis, PartsBatch, TranscoderBasis, UpstreamBasis
 from qk_lens.capture import Capture
 from qk_lens.dictionaries import Decomposition, Dictionary
 from qk_lens.graph import (
     Graph,
     HeadLoadings,
+    TranscoderGraph,
+    TranscoderLoadings,
     attribution_graph,
     head_loadings,
+    load_graph_json,
     save_neuronpedia,
+    save_transcoder_neuronpedia,
     to_neuronpedia,
+    transcoder_graph,
+    transcoder_loadings,
+    transcoder_to_neuronpedia,
 )
 from qk_lens.labels import FeatureLabel, LabelSet, label_dictionary, label_features, load_labels
 from qk_lens.mixin import HookedQKTransformer, QKLensMixin, attach
@@ -41,6 +48,7 @@ from qk_lens.moved import install as _install_moved_modules
 from qk_lens.sae_files import SavedSAE, load_sae, load_saved_sae
 from qk_lens.state import capture_scope
 from qk_lens.steering import QKSteering, QKSteeringSweep, ResidSteering
+from qk_lens.transcoders import Transcoders, load_transcoders
 
 __all__ = [
     "capture_scope",
@@ -63,6 +71,10 @@ __all__ = [
     "QKContrast",
     "QKLensMixin",
     "SavedSAE",
+    "TranscoderBasis",
+    "TranscoderGraph",
+    "TranscoderLoadings",
+    "Transcoders",
     "QKSteering",
     "QKSteeringSweep",
     "ResidSteering",
@@ -74,12 +86,18 @@ __all__ = [
     "inhibitors",
     "label_dictionary",
     "label_features",
+    "load_graph_json",
     "load_labels",
     "load_sae",
     "load_saved_sae",
+    "load_transcoders",
     "pattern_scores",
     "save_neuronpedia",
+    "save_transcoder_neuronpedia",
     "to_neuronpedia",
+    "transcoder_graph",
+    "transcoder_loadings",
+    "transcoder_to_neuronpedia",
 ]
 
 __version__ = "0.1.0"

@@ -19,7 +19,17 @@ from qk_lens.attribution import QKAttribution, QKAttributions, qk_attribution, q
 from qk_lens.capture import Capture
 from qk_lens.checks import renamed
 from qk_lens.dictionaries import Dictionary
-from qk_lens.graph import Graph, HeadLoadings, attribution_graph, head_loadings
+from qk_lens.graph import (
+    Graph,
+    HeadLoadings,
+    TranscoderGraph,
+    TranscoderLoadings,
+    attribution_graph,
+    head_loadings,
+    load_graph_json,
+    transcoder_graph,
+    transcoder_loadings,
+)
 from qk_lens.sae_files import load_sae
 from qk_lens.state import ATTACHED_MARKER, capture, state_of
 from qk_lens.steering import (
@@ -181,6 +191,21 @@ class QKLensMixin:
         """Per-edge residual / MLP-only / per-head split of ``graph``'s edges (exact); see
         :func:`qk_lens.head_loadings`."""
         return head_loadings(self, graph, through_mlp=through_mlp, **kwargs)
+
+    def transcoder_graph(self, prompt: Any, targets: Any = None, **kwargs: Any) -> TranscoderGraph:
+        """The transcoder attribution graph of ``prompt`` with the transcoders added by
+        :meth:`add_transcoders` (circuit-tracer's graph; see :func:`qk_lens.transcoder_graph`)."""
+        return transcoder_graph(self, prompt, targets, **kwargs)
+
+    def transcoder_loadings(self, graph: TranscoderGraph, **kwargs: Any) -> TranscoderLoadings:
+        """Every edge of a transcoder graph split by the heads its paths cross (residual,
+        skip-only, one head, several heads; exact); see :func:`qk_lens.transcoder_loadings`."""
+        return transcoder_loadings(self, graph, **kwargs)
+
+    def load_graph_json(self, source: Any, **kwargs: Any) -> TranscoderGraph:
+        """A circuit-tracer / Neuronpedia graph JSON of this model's transcoders, edges
+        recomputed here; see :func:`qk_lens.load_graph_json`."""
+        return load_graph_json(self, source, **kwargs)
 
     # ------------------------------------------------------------------ causal checks
     @renamed(readout="readout_pos")

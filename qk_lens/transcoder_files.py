@@ -53,6 +53,29 @@ def _fetch(uri: str) -> Path:
     return Path(hf_hub_download(f"{parsed.netloc}/{parts[0]}", parts[1], revision=revision))
 
 
+def _fetch_repo(uri: str) -> Path:
+    """``hf://ORG/REPO[/FOLDER][?revision=R]``: a transcoder repo in circuit-tracer's format,
+    downloaded (its config.yaml, then its layer files unless the config lists them); the local
+    config.yaml."""
+    parsed = urlparse(uri)
+    parts = parsed.path.lstrip("/").split("/", 1)
+    if parsed.scheme != "hf" or not parts[0]:
+        raise ValueError(f"{uri!r}: expected hf://ORG/REPO[/FOLDER][?revision=R]")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo = f"{parsed.netloc}/{parts[0]}"
+    folder = parts[1].strip("/") if len(parts) > 1 else ""
+    prefix = f"{folder}/" if folder else ""
+    revision = parse_qs(parsed.query).get("revision", [None])[0]
+    cfg_path = Path(hf_hub_download(repo, f"{prefix}{CONFIG}", revision=revision))
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    if "transcoders" not in cfg:
+        patterns = [f"{prefix}{name}" for name in
+                    ("layer_*.safetensors", "W_enc_*.safetensors", "W_dec_*.safetensors")]  # fmt: skip
+        snapshot_download(repo, revision=revision, allow_patterns=patterns)
+    return cfg_path
+
+
 def _tensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"transcoder file {path} does not exist")
@@ -77,10 +100,14 @@ def _numbered(directory: Path, pattern: re.Pattern[str], what: str) -> list[Path
 def read_circuit_tracer(source: str | PathLike[str]) -> dict[str, Any]:
     """Weights and config of a circuit-tracer transcoder set or CLT (see the module docstring).
 
-    ``source``: a directory (with ``config.yaml``, or a CLT's ``W_enc_{i}`` files alone), or a
-    ``config.yaml``.
+    ``source``: a directory (with ``config.yaml``, or a CLT's ``W_enc_{i}`` files alone), a
+    ``config.yaml``, or ``hf://ORG/REPO[/FOLDER][?revision=R]`` (a repo in this format on the
+    Hugging Face hub, downloaded).
     """
-    path = Path(source)
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        path = _fetch_repo(source)
+    else:
+        path = Path(source)
     if path.is_dir():
         cfg_path = path / CONFIG
         directory = path

@@ -493,7 +493,8 @@ def load_transcoders(
 ) -> Transcoders:
     """Transcoders from circuit-tracer's files or from SAELens transcoder objects.
 
-    ``source``: a directory or ``config.yaml`` in circuit-tracer's format (a transcoder set:
+    ``source``: a directory, a ``config.yaml`` or ``hf://ORG/REPO[/FOLDER]`` in circuit-tracer's
+    format (a transcoder set:
     ``model_kind: transcoder_set`` with ``layer_{i}.safetensors`` or a ``transcoders`` list; a
     CLT: ``model_kind: cross_layer_transcoder``, or a directory of ``W_enc_{i}`` /
     ``W_dec_{i}.safetensors``), a list of SAELens transcoders (one per layer), or a
@@ -601,7 +602,7 @@ def _from_circuit_tracer(source: str | PathLike[str], zero_positions: int) -> Tr
     k = raw["k"] if raw["k"] is not None else raw["file_k"]
     scan = raw["scan"]
     return Transcoders(
-        name=str(scan if isinstance(scan, str) else Path(source).name),
+        name=str(scan if isinstance(scan, str) else Path(str(source)).name),
         cross_layer=raw["cross_layer"],
         input_point=_point(raw["input_hook"], INPUT_HOOKS, "input"),
         output_point=_point(raw["output_hook"], OUTPUT_HOOKS, "output"),

@@ -16,6 +16,12 @@
   ``sae_lens_version``), read by SAELens's default ``sae_lens`` loader: a ReLU SAE with d_in 64,
   d_sae 128 and nonzero ``b_enc`` / ``b_dec``.
 
+* ``meta-llama/Llama-3.2-1B`` -- a random-init ``LlamaForCausalLM`` with 4 layers, d_model 64, 4
+  heads (2 key/value heads) and d_mlp 128, with the same tokenizer;
+* ``mntss/transcoder-Llama-3.2-1B`` -- circuit-tracer's per-layer transcoders for it, in that
+  repo's format (``config.yaml`` naming ``mlp.hook_in`` → ``mlp.hook_out``, and
+  ``layer_{i}.safetensors``): ReLU, 128 features per layer.
+
 The hub cache layout is ``models--ORG--NAME/refs/main`` (a commit hash) and
 ``models--ORG--NAME/snapshots/<commit>/<path in repo>``; files are written straight into the
 snapshot (the hub links them to ``blobs/``, but readers only follow the snapshot paths).
@@ -37,6 +43,9 @@ SAE_ID = "blocks.1.hook_resid_pre"
 SAE_IDS = (SAE_ID, "blocks.5.hook_resid_pre")
 
 N_LAYER, N_EMBD, N_HEAD, N_POSITIONS = 6, 64, 4, 128
+LLAMA_REPO = "meta-llama/Llama-3.2-1B"
+TRANSCODER_REPO = "mntss/transcoder-Llama-3.2-1B"
+LLAMA_LAYERS, D_TRANSCODER = 4, 128
 D_SAE = 128
 EOS = "<|endoftext|>"
 
@@ -166,6 +175,48 @@ def _write_sae(cache_dir: Path, sae_id: str) -> None:
     )
 
 
+def _write_llama(cache_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    snap = snapshot_dir(cache_dir, LLAMA_REPO)
+    tok, vocab, _ = _train_tokenizer()
+    tok.save_pretrained(snap)
+    eos_id = vocab[EOS]
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=N_EMBD, intermediate_size=2 * N_EMBD,
+        num_hidden_layers=LLAMA_LAYERS, num_attention_heads=N_HEAD, num_key_value_heads=2,
+        max_position_embeddings=N_POSITIONS, bos_token_id=eos_id, eos_token_id=eos_id,
+        tie_word_embeddings=True, initializer_range=0.1,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(snap, safe_serialization=True)
+
+    tc = snapshot_dir(cache_dir, TRANSCODER_REPO)
+    (tc / "config.yaml").write_text(
+        "model_kind: transcoder_set\n"
+        f"model_name: {LLAMA_REPO}\n"
+        "feature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: mlp.hook_out\n"
+        f"scan: {TRANSCODER_REPO}\n"
+    )
+    g = torch.Generator().manual_seed(7)
+    for layer in range(LLAMA_LAYERS):
+        save_file(
+            {
+                "W_enc": (torch.randn(D_TRANSCODER, N_EMBD, generator=g) / N_EMBD**0.5),
+                "W_dec": 0.1 * torch.randn(D_TRANSCODER, N_EMBD, generator=g),
+                "b_enc": 0.1 * torch.randn(D_TRANSCODER, generator=g) - 0.3,
+                "b_dec": 0.05 * torch.randn(N_EMBD, generator=g),
+            },
+            str(tc / f"layer_{layer}.safetensors"),
+        )
+
+
 def populate_fake_hub(cache_dir: Path) -> None:
     """Write the tiny ``gpt2`` and the ``gpt2-small-res-jb`` SAE into hub cache ``cache_dir``.
 
@@ -176,6 +227,7 @@ def populate_fake_hub(cache_dir: Path) -> None:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_gpt2(cache_dir)
+    _write_llama(cache_dir)
     for sae_id in SAE_IDS:
         _write_sae(cache_dir, sae_id)
 

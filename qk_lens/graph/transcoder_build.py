@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -171,7 +172,14 @@ def transcoder_graph(
     blocks: list[Tensor] = []
     values: list[Tensor] = []
 
+    fr_layer = torch.as_tensor(nodes.frame["layer"].to_numpy().copy(), dtype=torch.long)
+    fr_pos = torch.as_tensor(nodes.frame["position"].to_numpy().copy(), dtype=torch.long)
+
     def compute(target_nodes: Tensor, bar: Any) -> None:
+        # batches of one layer and nearby positions: each sweep starts at its highest target's
+        # layer and spans only the positions up to its last target's
+        key = fr_layer[target_nodes] * (T + 1) + fr_pos[target_nodes]
+        target_nodes = target_nodes[torch.argsort(key, stable=True)]
         for lo in range(0, len(target_nodes), batch_size):
             chunk = target_nodes[lo : lo + batch_size]
             layers, p, w, c = nodes.readouts(chunk, logits)
@@ -357,14 +365,21 @@ def transcoder_loadings(
     one_hop = torch.zeros(E, dtype=dt)
     edge = torch.zeros(E, dtype=dt)
     f_pos = full.frame["position"].to_numpy()
-    fwd = _forward0(sweep, full)  # [n_sources, n + 1, d]: each source's 0-hop state at x_l
+    used = torch.unique(src_full)
+    fwd = _forward0(sweep, full, used)  # [n_used, n + 1, d]: 0-hop states at each x_l
+    col = torch.full((full.n_sources,), -1, dtype=torch.long)
+    col[used] = torch.arange(len(used))
     targets = torch.unique(tgt_full)
+    # batches of one layer and nearby positions, as the graph's rows
+    key = torch.as_tensor(full.frame["layer"].to_numpy()[targets.numpy()] * (sweep.T + 1)
+                          + f_pos[targets.numpy()])  # fmt: skip
+    targets = targets[torch.argsort(key, stable=True)]
+    slot = torch.full((full.n_sources + len(full.frame),), -1, dtype=torch.long)
     for lo in range(0, len(targets), batch_size):
         chunk = targets[lo : lo + batch_size]
         layers, p, w, _ = full.readouts(chunk, logits)
         with torch.no_grad():
             out = sweep.backward(layers, p, w, full.sources, hops=True)
-        slot = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
         slot[chunk] = torch.arange(len(chunk))
         sel = torch.nonzero(torch.isin(tgt_full, chunk))[:, 0]
         r, c = slot[tgt_full[sel]], src_full[sel]
@@ -376,13 +391,19 @@ def transcoder_loadings(
         resid_part = _residual(full, w[r], c, layers[r], same)
         residual[sel] = resid_part
         mlp[sel] = zero_hop - resid_part
-        # heads: A_h[p_t, p_s]/σ · ⟨z_{t,l,h}, forward-0(s) at x_l⟩
+        # heads: A_h[p_t, p_s]/σ · ⟨z_{t,l,h}, forward-0(s) at x_l⟩, one product per layer for
+        # the chunk's targets × the sources their edges come from
         ps = torch.as_tensor(f_pos[c.numpy()], dtype=torch.long)
+        srcs = torch.unique(c)
+        at = torch.full((full.n_sources,), -1, dtype=torch.long)
+        at[srcs] = torch.arange(len(srcs))
         for lyr in range(n):
+            zz = out["z"][:, lyr]  # [chunk, head, d]
+            if not zz.any():
+                continue
+            prod = einops.einsum(zz, fwd[col[srcs], lyr], "t head d, s d -> t s head")
             alpha = sweep.alpha(lyr)[p[r], :, ps]  # [m, head]
-            zz = out["z"][r, lyr]  # [m, head, d]
-            vals = torch.einsum("mhd,md->mh", zz, fwd[c, lyr]) * alpha
-            heads[sel, lyr] = vals
+            heads[sel, lyr] = prod[r, at[c]] * alpha
     return TranscoderLoadings(graph, residual, mlp, heads, multi, edge, one_hop, _model=model)
 
 
@@ -401,23 +422,30 @@ def _residual(
     return out
 
 
-def _forward0(sweep: Sweep, full: TranscoderNodes) -> Float[Tensor, "n_src layer d_model"]:
-    """Each source's state at x_l (l = 0..n) along 0-hop paths: its writes before l, each carried
-    up through the skip connections at its own position."""
+def _forward0(
+    sweep: Sweep, full: TranscoderNodes, used: Int[Tensor, "m"]
+) -> Float[Tensor, "m layer d_model"]:
+    """The sources ``used``' states at x_l (l = 0..n) along 0-hop paths: each one's writes before
+    l, carried up through the skip connections at its own position."""
     n, d = sweep.n_layers, sweep.arch.d_model
-    S = full.n_sources
-    pos_of = torch.tensor(full.frame["position"].to_numpy()[:S], dtype=torch.long)
-    state = torch.zeros(S, n + 1, d, dtype=sweep.dtype)
-    cur = torch.zeros(S, d, dtype=sweep.dtype)
-    idx, _, vec = full.sources.by_layer[-1]
-    cur[idx] += vec
+    row = torch.full((full.n_sources,), -1, dtype=torch.long)
+    row[used] = torch.arange(len(used))
+    pos_of = torch.tensor(full.frame["position"].to_numpy()[used.numpy()], dtype=torch.long)
+    state = torch.zeros(len(used), n + 1, d, dtype=sweep.dtype)
+    cur = torch.zeros(len(used), d, dtype=sweep.dtype)
+
+    def add(k: int) -> None:
+        idx, _, vec = full.sources.by_layer[k]
+        j = row[idx]
+        ok = j >= 0
+        cur.index_add_(0, j[ok], vec[ok])
+
+    add(-1)
     state[:, 0] = cur
     for k in range(n):
         # x_k → x_{k+1}: the skip of block k reads mid_k = x_k along a 0-hop path
         if sweep.tc.has_skip:
-            cur = cur + sweep.split.skip_linear(k, cur, pos_of)
-        idx, _, vec = full.sources.by_layer[k]
-        cur = cur.clone()
-        cur.index_add_(0, idx, vec)
+            cur += sweep.split.skip_linear(k, cur, pos_of)
+        add(k)
         state[:, k + 1] = cur
     return state

@@ -179,30 +179,39 @@ class Sweep:
                 e.index_add_(1, idx, vals)
 
         inject(self.n_layers, streams[0])
-        for k in range(self.n_layers - 1, -1, -1):
+        if hops:
+            inject(self.n_layers, streams[1])
+        top = int(start_layer.max()) if n else 0  # nothing to carry above the highest target
+        for k in range(min(top, self.n_layers - 1), -1, -1):
             if hops:
-                g0_all[:, k + 1] = streams[0][rows, positions]
+                g0_all[:, k + 1] = streams[1][rows, positions]
             collect(k)
             base = [st + self.skip_adjoint(k, st) for st in streams]
             if self.parallel[k]:
                 attn_src = streams  # attention and MLP both read x_k
             else:
-                inject(k, base[0])  # the target reads mid_k, after the attention
+                for st in base[:2]:
+                    inject(k, st)  # the target reads mid_k, after the attention
                 attn_src = base
+            total = base[0] + self.attn_adjoint(k, attn_src[0])
             if hops:
-                z_all[:, k] = self.block(k).head_z(attn_src[0][rows, positions], positions)
-                a = [self.attn_adjoint(k, st) for st in attn_src]
-                streams = [base[0], base[1] + a[0], base[2] + a[1] + a[2]]
+                # the 0-hop covector sits at the target's position only: its one-hop image is
+                # A_h[p_t, ·]/σ · z_h per head, cheap; paths with more hops are the rest
+                z = self.block(k).head_z(attn_src[1][rows, positions], positions)
+                z_all[:, k] = z
+                alpha = self.alpha(k)[positions][:, :, :K]  # [n, head, K]
+                one = einops.einsum(alpha, z, "n head k, n head d_model -> n k d_model")
+                streams = [total, base[1], base[2] + one]
             else:
-                streams = [base[0] + self.attn_adjoint(k, attn_src[0])]
+                streams = [total]
             if self.parallel[k]:
-                inject(k, streams[0])  # the target reads x_k
+                for st in streams[:2]:
+                    inject(k, st)  # the target reads x_k
         if hops:
-            g0_all[:, 0] = streams[0][rows, positions]
+            g0_all[:, 0] = streams[1][rows, positions]
         collect(-1)
+        out["edges"] = edges[0]
         if hops:
-            out.update(hop0=edges[0], hop1=edges[1], hop2=edges[2], z=z_all, g0=g0_all)
-            out["edges"] = edges[0] + edges[1] + edges[2]
-        else:
-            out["edges"] = edges[0]
+            out.update(hop0=edges[1], hop1=edges[2], hop2=edges[0] - edges[1] - edges[2],
+                       z=z_all, g0=g0_all)  # fmt: skip
         return out
