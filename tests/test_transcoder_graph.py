@@ -20,6 +20,8 @@ CASES = [
     ("llama", "clt-jumprelu", "resid_mid"),
     ("gemma2", "relu", "normalized"),
     ("gemma2", "clt", "normalized"),
+    ("llama", "skip-jumprelu", "resid_mid"),
+    ("gemma2", "skip-jumprelu", "resid_mid"),
 ]
 
 
@@ -59,6 +61,10 @@ def _frozen_grads(model, tokens, tc, split, readout, keep_heads=None, skip=True)
         if skip and tc.has_skip:
             assert tc.input_point == "resid_mid"
             s = saved[f"blocks.{k}.hook_resid_mid"] @ tc.W_skip[k]
+            if tc.output_point == "raw" and hasattr(model.blocks[k], "ln2_post"):
+                # the MLP's raw output passes Gemma's post-MLP norm at its own (frozen) scale
+                post = model.blocks[k].ln2_post
+                s = s * post.w / cache[f"blocks.{k}.ln2_post.hook_scale"]
             out = out + s - s.detach()
         return out
 
@@ -306,9 +312,15 @@ def test_circuit_tracer_graph_json_round_trip(tmp_path):
         e = int(back.edges.query("source_pos < target_pos").index[0])
         attr = hl.qk_attribution(e)
         assert abs(float(attr.terms.sum()) - attr.model_raw_score) < 1e-9
+        tc.neuronpedia_ids = [f"llama-test/{lyr}-clt" for lyr in range(3)]
         path = save_transcoder_neuronpedia(back, model, tmp_path / "out.json", loadings=hl)
         out = json.loads(path.read_text())
         validate_neuronpedia(out)
+        feats = [n for n in out["nodes"] if n["feature_type"] == "cross layer transcoder"]
+        assert all(
+            n["neuronpedia"] == f"llama-test/{n['layer']}-clt/{n['node_id'].split('_')[1]}"
+            for n in feats
+        )
         traced = [n for n in out["nodes"] if "qk_tracing_results" in n]
         assert traced and out["qk_only_nodes"]
         for link in out["links"]:
