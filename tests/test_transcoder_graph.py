@@ -4,11 +4,14 @@ constant plus the skip connection's live path, sources injected where they write
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
+from qk_lens.arch import arch_of
 from qk_lens.graph import transcoder_graph, transcoder_loadings
-from tests.models import HOOKED, make_tokens
+from tests.models import HOOKED, hooks_of, make_tokens
 from tests.test_transcoders import model_of, random_transcoders
 
 needs_hooked = pytest.mark.skipif(not HOOKED, reason="hooks of HookedTransformer (stack (a))")
@@ -31,15 +34,16 @@ def _frozen_grads(model, tokens, tc, split, readout, keep_heads=None, skip=True)
     forward with patterns and scales frozen. ``keep_heads``: (layer, head) pairs whose pattern
     stays; every other head's is zeroed (None: all stay)."""
     n, T, d = model.cfg.n_layers, len(tokens), model.cfg.d_model
-    _, cache = model.run_with_cache(tokens[None])
+    cache = hooks_of(model, tokens)
     delta = torch.zeros(n, T, d, dtype=torch.float64, requires_grad=True)
     delta_e = torch.zeros(T, d, dtype=torch.float64, requires_grad=True)
     saved: dict[str, torch.Tensor] = {}
     hooks = []
 
-    def pattern(x, hook):
-        layer = int(hook.name.split(".")[1])
-        p = cache[hook.name].detach().clone()
+    # each hook by the name it was registered under (a bridge's hook.name is its canonical one)
+    def pattern(x, hook, name):
+        layer = int(name.split(".")[1])
+        p = cache[name].detach().clone()
         if keep_heads is not None:
             mask = torch.zeros(p.shape[1], dtype=torch.bool)
             for lyr, h in keep_heads:
@@ -48,15 +52,15 @@ def _frozen_grads(model, tokens, tc, split, readout, keep_heads=None, skip=True)
             p[:, ~mask] = 0
         return p
 
-    def scale(x, hook):  # the scale of the unedited forward, not of this one
-        return cache[hook.name].detach().clone()
+    def scale(x, hook, name):  # the scale of the unedited forward, not of this one
+        return cache[name].detach().clone()
 
-    def save(x, hook):
-        saved[hook.name] = x
+    def save(x, hook, name):
+        saved[name] = x
         return x
 
-    def mlp_out(x, hook):
-        k = int(hook.name.split(".")[1])
+    def mlp_out(x, hook, name):
+        k = int(name.split(".")[1])
         out = x.detach() + delta[k]
         if skip and tc.has_skip:
             assert tc.input_point == "resid_mid"
@@ -68,18 +72,19 @@ def _frozen_grads(model, tokens, tc, split, readout, keep_heads=None, skip=True)
             out = out + s - s.detach()
         return out
 
-    for name in model.hook_dict:
+    for name in cache.keys():
         if name.endswith("attn.hook_pattern"):
-            hooks.append((name, pattern))
+            hooks.append((name, partial(pattern, name=name)))
         elif name.endswith("hook_scale") and ("ln" in name):
-            hooks.append((name, scale))
-        elif name.endswith(("hook_resid_mid", "ln2.hook_normalized", "ln_final.hook_normalized")):
-            hooks.append((name, save))
+            hooks.append((name, partial(scale, name=name)))
+        elif name.endswith(("hook_resid_mid", "ln2.hook_normalized", "ln_final.hook_normalized",
+                            "unembed.hook_out")):  # fmt: skip
+            hooks.append((name, partial(save, name=name)))
         elif name.endswith("hook_mlp_out"):
-            hooks.append((name, mlp_out))
+            hooks.append((name, partial(mlp_out, name=name)))
     hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: x + delta_e))
-    with torch.enable_grad():
-        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks), arch_of(model).exact_forward():
+        logits = model(tokens[None])[0]
         r = readout(saved, logits)
         g, ge = torch.autograd.grad(r, (delta, delta_e), allow_unused=True)
     return g, ge
@@ -93,6 +98,9 @@ def _readout(tc, node):
     if kind == "logit":  # raw logits (before any output softcap), from ln_final's own hook
 
         def logit(saved, logits, model=tc_model[0]):
+            if "unembed.hook_out" in saved:  # a bridge: its logits before any softcap
+                raw = saved["unembed.hook_out"][0, pos]
+                return raw[feat] - raw.mean()
             lf = model.ln_final
             h = saved["ln_final.hook_normalized"][0, pos] * lf.w
             if hasattr(lf, "b"):
@@ -133,11 +141,15 @@ def _edge(g, ge, writes, pos):
     return sum(float((ge if k < 0 else g[k])[pos] @ v) for k, v in writes.items())
 
 
-@needs_hooked
-@pytest.mark.parametrize(("name", "kind", "point"), CASES)
+@pytest.mark.parametrize(
+    ("name", "kind", "point"),
+    [pytest.param(*c, marks=needs_hooked) for c in CASES]
+    + [("GPT2LMHeadModel", "skip-jumprelu", "resid_mid"), ("LlamaForCausalLM", "clt", "normalized"),
+       ("Gemma2ForCausalLM", "relu", "normalized")],
+)  # fmt: skip
 def test_edges_and_head_loadings_match_autograd(name, kind, point):
     model, _, _ = model_of(name, torch.float64)
-    out = "raw" if name == "gemma2" else "mlp_out"
+    out = "raw" if name == "gemma2" else "mlp_out"  # bridges: what the block adds, as is
     tc = model.add_transcoders(
         random_transcoders(model.cfg.d_model, 3, torch.float64, kind, d_tc=24,
                            output_point=out, input_point=point)
@@ -148,7 +160,7 @@ def test_edges_and_head_loadings_match_autograd(name, kind, point):
     hl = transcoder_loadings(model, g)
     assert hl.check() < 1e-10
     split = tc.split(model, model.qk_capture(tokens))
-    _, cache = model.run_with_cache(tokens[None])
+    cache = hooks_of(model, tokens)
     nodes, edges = g.nodes, g.edges
     # the last position's targets at every layer, and the logits
     picks = []
