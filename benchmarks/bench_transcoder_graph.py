@@ -66,7 +66,9 @@ def one(args: argparse.Namespace) -> dict:
         model(tokens[None])
     t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    graph = transcoder_graph(model, tokens, max_feature_nodes=args.max_feature_nodes, max_n_logits=10)
+    graph = transcoder_graph(
+        model, tokens, max_feature_nodes=args.max_feature_nodes, max_n_logits=10
+    )
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     hl = transcoder_loadings(model, graph)
