@@ -22,7 +22,9 @@ from qk_lens.attribution import (
     QKAttribution,
     QKAttributions,
     QKContrast,
+    QKExplorer,
     inhibitors,
+    qk_explorer,
 )
 from qk_lens.bases import DictionaryBasis, PartsBatch, TranscoderBasis, UpstreamBasis
 from qk_lens.capture import Capture
@@ -69,6 +71,7 @@ __all__ = [
     "QKAttribution",
     "QKAttributions",
     "QKContrast",
+    "QKExplorer",
     "QKLensMixin",
     "SavedSAE",
     "TranscoderBasis",
@@ -92,6 +95,7 @@ __all__ = [
     "load_saved_sae",
     "load_transcoders",
     "pattern_scores",
+    "qk_explorer",
     "save_neuronpedia",
     "save_transcoder_neuronpedia",
     "to_neuronpedia",

@@ -15,7 +15,14 @@ import pandas as pd
 
 from qk_lens.arch import forget, supported
 from qk_lens.atlas import HeadAtlas, head_atlas
-from qk_lens.attribution import QKAttribution, QKAttributions, qk_attribution, qk_attribution_table
+from qk_lens.attribution import (
+    QKAttribution,
+    QKAttributions,
+    QKExplorer,
+    qk_attribution,
+    qk_attribution_table,
+    qk_explorer,
+)
 from qk_lens.capture import Capture
 from qk_lens.checks import renamed
 from qk_lens.dictionaries import Dictionary
@@ -132,6 +139,24 @@ class QKLensMixin:
         return qk_attribution(
             self, prompt, layer, head, q_pos, k_pos=k_pos, basis=basis,
             query_basis=query_basis, key_basis=key_basis,
+        )  # fmt: skip
+
+    def qk_explorer(
+        self,
+        prompt: Any,
+        layer: int,
+        heads: int | list[int] | None = None,
+        bases: Sequence[str] = ("dictionary", "upstream"),
+        top_k: int = 8,
+        min_prob: float = 0.05,
+        **kwargs: Any,
+    ) -> QKExplorer:
+        """The interactive QK explorer of ``layer``: click a (query, key) cell of a head's pattern
+        for its top terms in each basis (shown inline in Jupyter / Colab; ``.save(path)`` writes
+        one self-contained HTML file). See :func:`qk_lens.attribution.qk_explorer`."""
+        return qk_explorer(
+            self, prompt, layer, heads=heads, bases=bases, top_k=top_k, min_prob=min_prob,
+            **kwargs,
         )  # fmt: skip
 
     def qk_attribution_table(

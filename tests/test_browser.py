@@ -170,3 +170,134 @@ def test_qk_profile_report_counts(browser, tmp_path) -> None:
         assert int(r[4]) == w["count"]
         assert close(r[7], w["mean_term"])
     page.shot("qk_profile_report")
+
+
+# ---------------------------------------------------------------- the QK explorer
+def js_fmt(x: float) -> str:
+    """The explorer's number format (fmt in its script)."""
+    if abs(x) >= 1000 or (abs(x) < 0.001 and x != 0):
+        m, e = f"{x:.3e}".split("e")
+        return f"{m}e{int(e):+d}"
+    return f"{x:.4f}"
+
+
+def click_cell(page, q: int, k: int, n_tokens: int, shift: bool = False) -> None:
+    canvas = page.locator("canvas")
+    box = canvas.bounding_box()
+    px = (box["width"] - 2) / n_tokens  # inside its 1px border (position: from the padding box)
+    modifiers = ["Shift"] if shift else []
+    canvas.click(position={"x": (k + 0.5) * px, "y": (q + 0.5) * px}, modifiers=modifiers)
+
+
+@pytest.mark.parametrize("bridge", [False, True], ids=["hooked", "bridge"])
+def test_explorer_click_a_cell_reads_the_induction_story(browser, tmp_path, bridge) -> None:
+    """From `qk-lens demo`'s model: open the explorer, pick the induction head, click its
+    (query, key) cell and read "current token = X × previous token = X"; the numbers are the
+    table's; hover shows the value; the other basis and a second key switch the panel."""
+    from qk_lens import toy
+    from qk_lens.toy import hooked_transformer_available
+
+    if not bridge and not hooked_transformer_available():
+        pytest.skip("HookedTransformer is stack (a)")
+    model = toy.load("attn2-ln", bridge=bridge)
+    prompt = "owl cat jay fox owl cat jay fox"
+    ex = model.qk_explorer(prompt, 1, top_k=6, min_prob=0.05)
+    path = ex.save(tmp_path / "explorer.html")
+    page = Page(browser, path)
+    page.page.wait_for_selector("[data-ready='1']")
+    page.check_clean()
+    T = len(ex.str_tokens)
+    q, k = T - 1, 5  # "fox" reads the "owl" after the earlier "fox"
+    page.page.locator(".heads button", has_text="L1H0").click()
+    click_cell(page.page, q, k, T)
+    want = ex.tables["dictionary"].query("head == 0 and q_pos == @q and k_pos == @k")
+    want = want.sort_values("rank", key=lambda s: s.where(s >= 0, 10**9))
+    rows = [
+        [c.strip() for c in r.locator("td").all_inner_texts()]
+        for r in page.page.locator(".detail table.terms tr").all()[1:]
+    ]
+    assert len(rows) == len(want) > 1
+    for shown, (_, w) in zip(rows, want.iterrows(), strict=True):
+        assert shown[1] == w["q_label"] and shown[2] == w["k_label"]
+        assert shown[3] == js_fmt(float(f"{w['term']:.6g}")), (shown, w["term"])
+    assert rows[0][1] == "current token = fox" and rows[0][2] == "previous token = fox"
+    assert page.page.locator(".detail .score").inner_text() == js_fmt(
+        float(f"{want['score'].iloc[0]:.6g}")
+    )
+    # hover: the pair's attention on the pattern, a term and its share in the matrix
+    canvas = page.page.locator("canvas")
+    box = canvas.bounding_box()
+    px = (box["width"] - 2) / T
+    page.page.mouse.move(box["x"] + 1 + (k + 0.5) * px, box["y"] + 1 + (q + 0.5) * px)
+    tip = page.page.locator(".tip")
+    assert "attention " + js_fmt(float(f"{want['prob'].iloc[0]:.6g}")) in tip.inner_text()
+    page.page.locator(".detail .mcell").first.hover()
+    assert "of the score" in tip.inner_text() and "term " in tip.inner_text()
+    page.shot(f"explorer-{'bridge' if bridge else 'hooked'}")
+    # the other basis: heads and embeddings instead of features
+    page.page.locator(".bases button", has_text="upstream").click()
+    up = page.page.locator(".detail table.terms").inner_text()
+    assert "L0H" in up and "current token = fox" not in up
+    # a second key of the same query: both side by side
+    page.page.locator(".bases button", has_text="dictionary").click()
+    click_cell(page.page, q, 1, T, shift=True)
+    assert page.page.locator(".detail .side > div").count() == 2
+    assert "contrast of two keys" in page.page.locator(".detail").inner_text()
+    page.check_clean()
+
+
+def test_explorer_at_512_tokens_and_12_heads(browser, tmp_path) -> None:
+    """A page the size of a 512-token, 12-head layer (patterns and tables synthetic: the page
+    does not care how they were computed) loads and answers clicks; file size and times go to
+    the artefacts."""
+    import json
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from qk_lens.attribution.explorer import QKExplorer
+
+    T, H, K = 512, 12, 8
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(H, T, T)) * 3
+    logits[:, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
+    pat = np.exp(logits - logits.max(-1, keepdims=True))
+    pat /= pat.sum(-1, keepdims=True)
+    h, q, k = np.nonzero(pat >= 0.05)
+    n = len(h)
+    rows = pd.DataFrame({
+        "head": np.repeat(h, K + 1), "q_pos": np.repeat(q, K + 1), "k_pos": np.repeat(k, K + 1),
+        "prob": np.repeat(pat[h, q, k], K + 1), "score": np.repeat(rng.normal(size=n) * 5, K + 1),
+        "rank": np.tile(np.r_[np.arange(K), -1], n),
+        "q_kind": "feature", "k_kind": "feature",
+        "q_feature": rng.integers(0, 3000, n * (K + 1)), "k_feature": rng.integers(0, 3000, n * (K + 1)),
+        "k_part_pos": np.repeat(k, K + 1),
+        "q_label": "q feature", "k_label": "k feature",
+        "term": rng.normal(size=n * (K + 1)),
+    })  # fmt: skip
+    rows["q_label"] = "q feature " + rows["q_feature"].astype(str)
+    rows["k_label"] = "k feature " + rows["k_feature"].astype(str)
+    ex = QKExplorer(11, list(range(H)), [f"t{i}" for i in range(T)], pat, {"dictionary": rows},
+                    0.05, K, "512 tokens × 12 heads")  # fmt: skip
+    path = ex.save(tmp_path / "big.html")
+    size = path.stat().st_size
+    t0 = time.perf_counter()
+    page = Page(browser, path)
+    page.page.wait_for_selector("[data-ready='1']")
+    load_s = time.perf_counter() - t0
+    page.check_clean()
+    page.page.locator(".heads button", has_text="L11H7").click()
+    sel = np.nonzero((h == 7) & (q > 200) & (q < 300))[0][0]  # a cell inside the viewport
+    hq, hk = int(q[sel]), int(k[sel])
+    t0 = time.perf_counter()
+    click_cell(page.page, hq, hk, T)
+    page.page.wait_for_selector(".detail table.terms")
+    click_s = time.perf_counter() - t0
+    assert page.page.locator(".detail table.terms tr").count() == K + 2  # header, K, remainder
+    page.shot("explorer-512x12")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "explorer-512x12.json").write_text(json.dumps(
+        {"pairs": int(n), "file_mib": size / 2**20, "load_s": load_s, "click_s": click_s}
+    ))  # fmt: skip
+    assert load_s < 30 and click_s < 10  # usable; the measured figures are in the README

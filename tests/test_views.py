@@ -276,3 +276,36 @@ def test_report_sections_and_repr_html():
     assert [p["text"] for p in doc.find("p")] == ["p1 line\nstill p1", "p2"]
     assert len(doc.find("style")) == 1
     assert not doc.find("div", "qkl-verdict")
+
+
+def test_qk_explorer_payload_and_bad_arguments():
+    """The explorer's data: every pair above the threshold, each term as the table has it and
+    its share of the score; the notebook fragment carries the same page without <html>."""
+    import json
+
+    from qk_lens import toy
+
+    model = toy.load("attn2-ln", bridge=not toy.hooked_transformer_available())
+    prompt = "owl cat jay fox owl cat jay fox"
+    ex = model.qk_explorer(prompt, 1, heads=[0, 2], top_k=4, min_prob=0.1)
+    data = ex.payload()
+    table = ex.tables["upstream"]
+    pairs = table.groupby(["head", "q_pos", "k_pos"]).ngroups
+    assert len(data["cells"]["upstream"]) == pairs > 0 and data["heads"] == [0, 2]
+    h, q, k, prob, score, rows = data["cells"]["dictionary"][0]
+    want = ex.tables["dictionary"].query("head == @h and q_pos == @q and k_pos == @k")
+    assert len(rows) == len(want) == 5  # top 4 and the remainder
+    for r in rows:
+        w = want[want["rank"] == r[4]].iloc[0]
+        assert data["strings"][data["parts"][r[0]][1]] == w["q_label"]
+        assert r[2] == pytest.approx(w["term"], rel=1e-5)
+        assert r[3] == pytest.approx(w["term"] / w["score"], rel=1e-5)
+    assert sum(r[2] for r in rows) == pytest.approx(score, rel=1e-4)  # terms + remainder
+    frag = ex._repr_html_()
+    assert "<html" not in frag and "<script>" in frag
+    blob = frag.split('<script type="application/json">')[1].split("</script>")[0]
+    assert json.loads(blob)["tokens"] == ex.str_tokens
+    with pytest.raises(ValueError, match="bases must be"):
+        model.qk_explorer(prompt, 1, bases=["pca"])
+    with pytest.raises(ValueError, match="head"):
+        model.qk_explorer(prompt, 1, heads=[9])

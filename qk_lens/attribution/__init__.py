@@ -13,6 +13,7 @@ from qk_lens.attribution.contrast import (
     group_terms,
     inhibitors,
 )
+from qk_lens.attribution.explorer import QKExplorer, qk_explorer
 from qk_lens.attribution.projection import ProjectedSide, project_side
 from qk_lens.attribution.result import QKAttribution, QKAttributions
 from qk_lens.attribution.table import qk_attribution_table, qk_attribution_table_chunks
@@ -27,6 +28,7 @@ __all__ = [
     "QKAttribution",
     "QKAttributions",
     "QKContrast",
+    "QKExplorer",
     "attribute",
     "components",
     "contrast",
@@ -36,6 +38,7 @@ __all__ = [
     "inhibitors",
     "project_side",
     "qk_attribution",
+    "qk_explorer",
     "qk_attribution_table",
     "qk_attribution_table_chunks",
     "resolve_basis",

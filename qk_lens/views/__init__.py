@@ -9,12 +9,14 @@
 """
 
 from qk_lens.views.atlas import atlas_report, label_grid, score_heatmap
+from qk_lens.views.explorer import explorer_html
 from qk_lens.views.html import Report, bar_list, pattern_heatmap, table
 
 __all__ = [
     "Report",
     "atlas_report",
     "bar_list",
+    "explorer_html",
     "label_grid",
     "pattern_heatmap",
     "score_heatmap",
