@@ -301,3 +301,46 @@ def test_explorer_at_512_tokens_and_12_heads(browser, tmp_path) -> None:
         {"pairs": int(n), "file_mib": size / 2**20, "load_s": load_s, "click_s": click_s}
     ))  # fmt: skip
     assert load_s < 30 and click_s < 10  # usable; the measured figures are in the README
+
+
+def test_graph_view_click_an_edge_shows_its_heads_and_why(browser, tmp_path) -> None:
+    """A transcoder graph's view: clicking its strongest link across positions shows that
+    edge's weight and head loadings (the Python numbers) and the QK attribution of its top
+    head; clicking a node lists its incoming links."""
+    import torch
+
+    from tests.test_transcoders import model_of, random_transcoders
+
+    model, _, _ = model_of("GPT2LMHeadModel", torch.float64)
+    model.add_transcoders(random_transcoders(model.cfg.d_model, 3, torch.float64, "clt", d_tc=24))
+    tokens = torch.tensor([3, 17, 42, 5, 17, 42, 5, 17])
+    g = model.transcoder_graph(tokens, max_n_logits=2)
+    hl = model.transcoder_loadings(g)
+    view = hl.view(max_links=400, qk_edges=5)
+    path = view.save(tmp_path / "graph.html")
+    page = Page(browser, path)
+    page.page.wait_for_selector("[data-ready='1']")
+    page.check_clean()
+    links = view.payload()["links"]
+    i = next(j for j, link in enumerate(links) if link[7] >= 0)  # strongest link with QK terms
+    page.page.evaluate(
+        "i => document.querySelector(`line.hit[data-link='${i}']`)"
+        ".dispatchEvent(new MouseEvent('click', {bubbles: true}))", i
+    )  # fmt: skip
+    detail = page.page.locator(".detail")
+    e = g.edge_index((g.nodes["node_id"][links[i][0]], g.nodes["node_id"][links[i][1]]))
+    assert detail.locator(".weight").inner_text() == js_fmt(float(f"{float(g.edge_weight[e]):.6g}"))
+    top = hl.top_heads(e, 5)
+    rows = [[c.strip() for c in r.locator("td").all_inner_texts()]
+            for r in detail.locator("table.heads tr").all()[1:]]  # fmt: skip
+    assert len(rows) >= 1
+    assert rows[0][:2] == [str(top["layer"][0]), str(top["head"][0])]
+    assert rows[0][2] == js_fmt(float(f"{top['loading'][0]:.6g}"))
+    attr = hl.qk_attribution(e)
+    assert f"why L{attr.layer}H{attr.head} attends from {attr.q_pos}" in detail.inner_text()
+    first = attr.top(1).iloc[0]
+    assert first["q_label"] in detail.locator("table.qkterms").inner_text()
+    page.shot("graph-view")
+    page.page.locator("circle").nth(links[i][1]).dispatch_event("click")
+    assert "incoming links shown" in detail.inner_text()
+    page.check_clean()

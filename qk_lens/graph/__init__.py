@@ -3,6 +3,7 @@ block, circuit-tracer's pruning, the graph result, head loadings, and the Neuron
 
 from qk_lens.graph.build import attribution_graph
 from qk_lens.graph.export import save_neuronpedia, to_neuronpedia
+from qk_lens.graph.graph_view import GraphView, graph_view
 from qk_lens.graph.loadings import HeadLoadings, head_loadings
 from qk_lens.graph.neuronpedia_schema import NEURONPEDIA_SCHEMA, validate_neuronpedia
 from qk_lens.graph.nodes import NODE_COLUMNS, NODE_KINDS, READOUTS
@@ -21,10 +22,12 @@ __all__ = [
     "NODE_KINDS",
     "READOUTS",
     "Graph",
+    "GraphView",
     "HeadLoadings",
     "TranscoderGraph",
     "TranscoderLoadings",
     "attribution_graph",
+    "graph_view",
     "head_loadings",
     "load_graph_json",
     "save_transcoder_neuronpedia",

@@ -238,5 +238,13 @@ class TranscoderLoadings:
         k = int(nd["position"].iloc[int(self.graph.edge_source[e])])
         return qk_attribution(m, self.graph.tokens, layer, head, q, k, basis="transcoders")
 
+    def view(self, model: Any = None, **kwargs: Any) -> Any:
+        """The interactive graph view (:func:`qk_lens.graph.graph_view.graph_view`): nodes, the
+        strongest links with their head loadings, and the QK attributions of the heads that
+        carried the strongest links across positions; ``.save(path)`` or inline in notebooks."""
+        from qk_lens.graph.graph_view import graph_view
+
+        return graph_view(self, model if model is not None else self._model, **kwargs)
+
     def __repr__(self) -> str:
         return f"TranscoderLoadings({self.graph.n_edges} edges, {self.heads.shape[1]}×{self.heads.shape[2]} heads)"

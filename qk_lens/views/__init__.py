@@ -10,6 +10,7 @@
 
 from qk_lens.views.atlas import atlas_report, label_grid, score_heatmap
 from qk_lens.views.explorer import explorer_html
+from qk_lens.views.graph_view import graph_view_html
 from qk_lens.views.html import Report, bar_list, pattern_heatmap, table
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "atlas_report",
     "bar_list",
     "explorer_html",
+    "graph_view_html",
     "label_grid",
     "pattern_heatmap",
     "score_heatmap",
