@@ -63,6 +63,23 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"qk-lens demo: cannot write the report to {args.out}: {e}", file=sys.stderr)
             return EXIT_ERROR
         print(f"\nreport: {path.resolve()}")
+        import torch
+
+        il, ih = story.induction_head
+        explorer = model.qk_explorer(
+            torch.tensor(story.prompt_tokens), il, top_k=args.top_k, min_prob=0.05,
+            title=f"qk_lens demo: layer {il} of {story.model_name}",
+        )  # fmt: skip
+        out = Path(args.out)
+        try:
+            epath = explorer.save(out.with_name(f"{out.stem}_explorer{out.suffix or '.html'}"))
+        except OSError as e:
+            print(f"qk-lens demo: cannot write the explorer: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        print(
+            f"explorer: {epath.resolve()} (click L{il}H{ih}, then the cell at query "
+            f"{story.q_pos}, key {story.k_pos})"
+        )
     return EXIT_CONFIRMED if story.confirmed else EXIT_NOT_CONFIRMED
 
 

@@ -344,3 +344,33 @@ def test_graph_view_click_an_edge_shows_its_heads_and_why(browser, tmp_path) -> 
     page.page.locator("circle").nth(links[i][1]).dispatch_event("click")
     assert "incoming links shown" in detail.inner_text()
     page.check_clean()
+
+
+def test_from_the_demo_to_the_induction_cell(browser, tmp_path, capsys) -> None:
+    """A newcomer's path: `qk-lens demo` prints where its explorer is and which cell to click;
+    clicking it there reads "current token = wolf × previous token = wolf"."""
+    import re
+
+    from qk_lens.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo.html")]) == 0
+    out = capsys.readouterr().out
+    m = re.search(
+        r"explorer: (\S+) \(click L(\d+)H(\d+), then the cell at query (\d+), key (\d+)\)", out
+    )
+    assert m, out[-500:]
+    path, layer, head, q, k = m.group(1), *map(int, m.groups()[1:])
+    page = Page(browser, Path(path))
+    page.page.wait_for_selector("[data-ready='1']")
+    page.page.locator(".heads button", has_text=f"L{layer}H{head}").click()
+    T = page.page.evaluate(
+        "() => JSON.parse(document.querySelector('script[type=\"application/json\"]')"
+        ".textContent).tokens.length"
+    )
+    click_cell(page.page, q, k, T)
+    first = [
+        c.strip()
+        for c in page.page.locator(".detail table.terms tr").nth(1).locator("td").all_inner_texts()
+    ]
+    assert first[1:3] == ["current token = wolf", "previous token = wolf"], first
+    page.check_clean()
