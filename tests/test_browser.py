@@ -374,3 +374,41 @@ def test_from_the_demo_to_the_induction_cell(browser, tmp_path, capsys) -> None:
     ]
     assert first[1:3] == ["current token = wolf", "previous token = wolf"], first
     page.check_clean()
+
+
+def test_figures_plot_the_results_numbers(browser, tmp_path) -> None:
+    """The plotly figures (atlas scores, a steering sweep with predicted vs measured scores, a
+    contrast) as offline files: they load with no console error and no request, and the plotted
+    numbers are the results'."""
+    import numpy as np
+
+    from qk_lens import toy
+
+    model = toy.load("attn2-ln", bridge=not toy.hooked_transformer_available())
+    prompt = "owl cat jay fox elk hen owl cat jay fox elk"
+    attr = model.qk_attribution(prompt, 1, 0, q_pos=11, k_pos=6)
+    feature = int(attr.top(top_k=1)["k_feature"].iloc[0])
+    sweep = model.steer_qk_sweep(prompt, 1, 0, feature, scales=[-1, 0, 0.5, 1, 2],
+                                 positions=[6], target=(11, 6))  # fmt: skip
+    frame = sweep.frame()
+    figures = {
+        "figure-sweep": (sweep.figure(), [frame["L1H0 score"], frame["L1H0 predicted score"]]),
+        "figure-contrast": (attr.contrast(1).figure(top_k=6), None),
+        "figure-atlas": (model.head_atlas().figure(), None),
+    }
+    for name, (fig, want) in figures.items():
+        path = tmp_path / f"{name}.html"
+        fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+        page = Page(browser, path)
+        page.page.wait_for_selector(".plotly-graph-div .main-svg")
+        page.check_clean()
+        data = page.page.evaluate(
+            "() => document.querySelector('.plotly-graph-div').data.map(t => t.y || t.z)"
+        )
+        if want is not None:
+            for got, w in zip(data, want, strict=False):
+                np.testing.assert_allclose(np.asarray(got, dtype=float), w.to_numpy(), rtol=1e-12)
+        page.shot(name)
+    # measured and predicted agree wherever the sweep's check holds
+    assert sweep.check() < 1e-4
+    np.testing.assert_allclose(frame["L1H0 score"], frame["L1H0 predicted score"], atol=1e-4)

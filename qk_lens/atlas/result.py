@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from qk_lens.atlas.composition import Composition
+from qk_lens.atlas.probes import SCORE_COLUMNS
 from qk_lens.atlas.weights import Spectra
 from qk_lens.checks import check_count, check_index, renamed
 from qk_lens.display import render
@@ -157,6 +158,13 @@ class HeadAtlas:
     def save(self, path: str | Path, title: str | None = None) -> Path:
         """Write :meth:`to_html` to ``path``; returns the path written."""
         return self.report(title).save(path)
+
+    def figure(self, columns: list[str] | None = None) -> Any:
+        """A plotly figure: one heatmap per score (layer × head) of :attr:`frame`."""
+        cols = list(columns) if columns is not None else [
+            c for c in SCORE_COLUMNS if c in self.frame.columns
+        ]  # fmt: skip
+        return render("figure.atlas", self.frame, cols, "head atlas: scores per head")
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()

@@ -54,6 +54,7 @@ from qk_lens.attribution.terms import (
 )
 from qk_lens.bases import PART_COLUMNS, Meta, meta_frame
 from qk_lens.checks import check_count, check_index, check_int, renamed
+from qk_lens.display import render
 
 if TYPE_CHECKING:
     from qk_lens.attribution.result import QKAttribution, QKAttributions
@@ -270,6 +271,16 @@ class QKContrast:
         return out
 
     @renamed(k="top_k")
+    def figure(self, top_k: int = 12) -> Any:
+        """A plotly bar chart of the ``top_k`` key groups by |difference|: each one's
+        contribution at the key, at the other, and the difference."""
+        other = self.other if isinstance(self.other, str) else f"k={self.other}"
+        title = (
+            f"L{self.layer}H{self.head}, q={self.q_pos}: k={self.k_pos} vs {other}, "
+            f"{self.score:.4g} − {self.baseline:.4g} = {self.difference:.4g}"
+        )
+        return render("figure.contrast", self.key_marginals(), title, check_count("top_k", top_k))
+
     def top(self, top_k: int = 10, sign: str = "abs") -> pd.DataFrame:
         """The ``top_k`` largest contrast terms (``sign="pos"``: for k, ``"neg"``: for the other)."""
         rows, cols, values = top_entries(self.terms, check_count("top_k", top_k), sign)

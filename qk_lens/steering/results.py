@@ -15,6 +15,7 @@ from torch import Tensor
 from qk_lens.attribution import CompletenessError
 from qk_lens.attribution import tolerance as contract_tolerance
 from qk_lens.checks import check_count, check_position, check_positions, is_int, renamed
+from qk_lens.display import render
 from qk_lens.steering.runs import masked
 
 
@@ -247,6 +248,10 @@ class QKSteering:
             for j, h in enumerate(self.heads):
                 row[f"L{self.layer}H{h} prob"] = float(self.patterns_after[j, q, k])
                 row[f"L{self.layer}H{h} score"] = float(self.scores_after[j, q, k])
+                # the attribution's prediction of that score (clean score + predicted change)
+                row[f"L{self.layer}H{h} predicted score"] = float(
+                    self.scores_before[j, q, k] + self.predicted_change[j, q, k]
+                )
         return row
 
     def __repr__(self) -> str:
@@ -294,6 +299,16 @@ class QKSteeringSweep:
     def check(self, tolerance: float | None = None) -> float:
         """Every scale's :meth:`QKSteering.check`; returns the largest error."""
         return max(it.check(tolerance) for it in self.items)
+
+    def figure(self) -> Any:
+        """A plotly figure against the scale: each head's score at the target pair, measured and
+        predicted; its attention there; the top prediction's and the clean top token's
+        probability (``.write_html(path, include_plotlyjs=True)`` for one offline file)."""
+        it = self.items[0]
+        heads = [f"L{it.layer}H{h}" for h in it.heads]
+        q, k = self.target
+        title = f"QK steering of L{it.layer} heads {it.heads} ({it.side} side), target q={q}, k={k}"
+        return render("figure.sweep", self.frame(), heads, title)
 
     def __repr__(self) -> str:
         return f"QKSteeringSweep(scales={self.scales}, target={self.target})"

@@ -10,17 +10,21 @@
 
 from qk_lens.views.atlas import atlas_report, label_grid, score_heatmap
 from qk_lens.views.explorer import explorer_html
+from qk_lens.views.figures import atlas_figure, contrast_figure, sweep_figure
 from qk_lens.views.graph_view import graph_view_html
 from qk_lens.views.html import Report, bar_list, pattern_heatmap, table
 
 __all__ = [
     "Report",
+    "atlas_figure",
     "atlas_report",
     "bar_list",
+    "contrast_figure",
     "explorer_html",
     "graph_view_html",
     "label_grid",
     "pattern_heatmap",
     "score_heatmap",
+    "sweep_figure",
     "table",
 ]
