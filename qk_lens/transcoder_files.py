@@ -79,6 +79,12 @@ def _fetch_repo(uri: str) -> Path:
 def _tensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"transcoder file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{path}: qk_lens reads circuit-tracer's safetensors files; this is a {path.suffix} "
+            "file (Gemma Scope's .npz, for one, is not read yet: convert it with circuit-tracer's "
+            "save_transcoders_to_cache, or load the release with SAELens)"
+        )
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
@@ -168,6 +174,11 @@ def _read_set(files: list[Path]) -> dict[str, Any]:
     if any(skip) and not all(skip):
         raise ValueError("some layers' transcoders have W_skip and others do not")
     thr = ["activation_function.threshold" in t for t in layers]
+    if any(thr) and not all(thr):
+        raise ValueError(
+            "some layers' transcoders have activation_function.threshold (JumpReLU) and others do "
+            f"not: layers without {[i for i, t in enumerate(thr) if not t]}"
+        )
     return {
         "W_enc": [t["W_enc"].T.contiguous() for t in layers],
         "b_enc": [t["b_enc"] for t in layers],
@@ -235,6 +246,8 @@ def write_circuit_tracer(
     if target.exists():
         raise FileExistsError(f"{target} exists; transcoders are written to a new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if cross_layer and W_skip is not None:
+        raise ValueError("circuit-tracer's CLT files have no skip connection; this CLT has one")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         cfg: dict[str, Any] = {

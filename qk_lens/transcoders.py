@@ -135,8 +135,23 @@ class Transcoders:
                 )
             if self.W_skip is not None and tuple(self.W_skip[lyr].shape) != (d_model, d_model):
                 raise ValueError(f"layer {lyr}: W_skip has shape {tuple(self.W_skip[lyr].shape)}")
-        _point(_CT_INPUT.get(self.input_point, self.input_point), INPUT_HOOKS, "input")
-        _point(_CT_OUTPUT.get(self.output_point, self.output_point), OUTPUT_HOOKS, "output")
+        # a hook name (circuit-tracer's or SAELens's) stands for its point; anything else is refused
+        if self.input_point in INPUT_HOOKS:
+            self.input_point = INPUT_HOOKS[self.input_point]
+        if self.input_point not in _CT_INPUT:
+            raise ValueError(
+                f"input_point {self.input_point!r} is not one of {sorted(_CT_INPUT)} (or a hook "
+                f"name of {sorted(INPUT_HOOKS)})"
+            )
+        if self.output_point in OUTPUT_HOOKS:
+            self.output_point = OUTPUT_HOOKS[self.output_point]
+        if self.output_point not in _CT_OUTPUT:
+            raise ValueError(
+                f"output_point {self.output_point!r} is not one of {sorted(_CT_OUTPUT)} (or a "
+                f"hook name of {sorted(OUTPUT_HOOKS)})"
+            )
+        if self.activation == "topk" and self.encoders is None and self.k > d_tc:
+            raise ValueError(f"TopK k={self.k} exceeds the {d_tc} features per layer")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -185,10 +200,14 @@ class Transcoders:
         self.labels[int(layer)] = load_labels(labels, d_sae=self.d_transcoder)
 
     def digest(self) -> list[float]:
-        """A cheap identity of the weights (per-layer sums of W_enc and W_dec, in float64): what a
-        graph records to refuse other transcoders."""
-        return [float(t.double().sum()) for pair in zip(self.W_enc, self.W_dec, strict=True)
-                for t in pair]  # fmt: skip
+        """A cheap identity of the transcoders (per-layer sums of every weight in float64, the
+        activation, k, the points): what a graph records to refuse other transcoders."""
+        out = []
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold"):
+            ts = getattr(self, name)
+            out += [-1.0] if ts is None else [float(t.double().sum()) for t in ts]
+        tags = (self.activation, self.k, self.input_point, self.output_point, self.zero_positions)
+        return out + [float(sum(map(ord, repr(tags))))]
 
     def neuronpedia_id(self, layer: int) -> str | None:
         return None if self.neuronpedia_ids is None else self.neuronpedia_ids[layer]
@@ -256,6 +275,12 @@ class Transcoders:
     def split(self, model: Any, cap: Capture) -> TranscoderSplit:
         """The split of every MLP's output on ``cap`` (cached on the capture)."""
         arch = self.check_model(model)
+        dev = cap.tokens.device
+        if dev.type != "cpu" or arch.device.type != "cpu":
+            raise ValueError(
+                f"transcoder bases and graphs run on CPU models for now; this model is on "
+                f"{arch.device} (model.to('cpu') first)"
+            )
         key = ("transcoders", id(self), arch.dtype)
         hit = cap.derived.get(key)
         if hit is None:
@@ -595,8 +620,17 @@ def _from_saelens(saes: list[Any], zero_positions: int) -> Transcoders:
 def _from_circuit_tracer(source: str | PathLike[str], zero_positions: int) -> Transcoders:
     raw = read_circuit_tracer(source)
     activation = raw["activation"]
+    if activation in ("jumprelu", "jump_relu"):
+        activation = None  # JumpReLU: its thresholds are in the files
     if activation not in (None, "relu", "topk"):
-        raise ValueError(f"{source}: activation {activation!r} is not relu, topk or JumpReLU")
+        raise ValueError(
+            f"{source}: activation {activation!r} is not relu, topk or jumprelu (JumpReLU reads "
+            "its thresholds from the files)"
+        )
+    if activation is None and raw["threshold"] is None and raw["activation"] is not None:
+        raise ValueError(
+            f"{source}: activation {raw['activation']!r} but the files hold no thresholds"
+        )
     if activation is None:
         activation = "jumprelu" if raw["threshold"] is not None else "relu"
     k = raw["k"] if raw["k"] is not None else raw["file_k"]

@@ -253,9 +253,12 @@ def test_bridge_graphs_loadings_and_pruning(name, kind, dtype):
     # a graph refuses other transcoders (activations differ)
     other = random_transcoders(model.cfg.d_model, 3, dtype, kind, d_tc=24, output_point=out,
                                input_point=tc.input_point, seed=9)  # fmt: skip
-    model.add_transcoders(other)
     with pytest.raises(ValueError, match="built with other transcoders"):
-        transcoder_loadings(model, pruned)
+        transcoder_loadings(model, pruned, transcoders=other)
+    # the graph keeps its own: another set on the model does not change its loadings
+    model.add_transcoders(other)
+    again = transcoder_loadings(model, pruned)
+    assert torch.equal(again.heads, transcoder_loadings(model, pruned, transcoders=tc).heads)
     model.add_transcoders(tc)
 
 
@@ -368,3 +371,26 @@ def test_circuit_tracer_graph_json_round_trip(tmp_path):
         with pytest.raises(ValueError, match="not active|activation"):
             load_graph_json(model, data, tokens=tokens)
     model.add_transcoders(tc)
+
+
+def test_logit_differences_survive_the_json_and_targets_do_not_repeat(tmp_path):
+    import json
+
+    from qk_lens.graph import load_graph_json, transcoder_to_neuronpedia
+
+    model, _, _ = model_of("GPT2LMHeadModel", torch.float64)
+    tc = model.add_transcoders(random_transcoders(model.cfg.d_model, 3, torch.float64, "relu"))
+    tokens = make_tokens(model, 8, seed=8)[0]
+    g = transcoder_graph(model, tokens, targets=[(3, 5), 7], node_threshold=0.9)
+    data = json.loads(json.dumps(transcoder_to_neuronpedia(g, model)))
+    back = load_graph_json(model, data, tokens=tokens)
+    lg = g.nodes[g.nodes["kind"] == "logit"].sort_values("node_id")
+    lb = back.nodes[back.nodes["kind"] == "logit"].sort_values("node_id")
+    assert lb["feature_b"].tolist() == lg["feature_b"].tolist() == [5, -1]
+    assert lb["readout"].to_numpy() == pytest.approx(lg["readout"].to_numpy(), rel=1e-12)
+    assert back.metadata["json_max_rel_diff"] < 1e-9
+    # imported influence is the file's cumulative one, and QK tracing still picks targets
+    assert back.nodes["influence"].isna().all() and back.nodes["cumulative_influence"].notna().any()
+    with pytest.raises(ValueError, match="targets repeat"):
+        transcoder_graph(model, tokens, targets=[7, 7])
+    assert tc is model.qk_transcoders

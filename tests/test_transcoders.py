@@ -353,3 +353,44 @@ def test_saelens_transcoders_are_read_with_their_own_encode(cls_name):
     bad = saes[:1] + saes[2:]
     with pytest.raises(ValueError, match=r"no transcoder for layers \[1\]"):
         model.add_transcoders(bad)
+
+
+def test_points_activations_and_files_are_checked(tmp_path):
+    """Hook names stand for their points; a wrong point, k above the width, thresholds on some
+    layers only, a .npz file and a CLT with a skip to save are each a clear error."""
+    d = 16
+    tc = random_transcoders(d, 2, torch.float32, "relu", input_point="hook_resid_mid",
+                            output_point="mlp.hook_out")  # fmt: skip
+    assert (tc.input_point, tc.output_point) == ("resid_mid", "raw")
+    with pytest.raises(ValueError, match="input_point 'resid_pre' is not one of"):
+        random_transcoders(d, 2, torch.float32, input_point="resid_pre")
+    with pytest.raises(ValueError, match="TopK k=8 exceeds the 4 features"):
+        random_transcoders(d, 2, torch.float32, "topk", d_tc=4)
+    good = random_transcoders(d, 2, torch.float32, "skip-jumprelu")
+    good.threshold = [good.threshold[0], None]
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for i in range(2):
+        t = {"W_enc": good.W_enc[i].T.contiguous(), "W_dec": good.W_dec[i], "b_enc": good.b_enc[i],
+             "b_dec": good.b_dec[i]}  # fmt: skip
+        if i == 0:
+            t["activation_function.threshold"] = good.threshold[0]
+        save_file(t, str(root / f"layer_{i}.safetensors"))
+    (root / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: hook_mlp_out\n"
+    )
+    with pytest.raises(ValueError, match=r"layers without \[1\]"):
+        load_transcoders(root)
+    (root / "layer_1.safetensors").rename(root / "layer_1.npz")
+    (root / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: hook_mlp_out\ntranscoders: [layer_0.safetensors, layer_1.npz]\n"
+    )
+    with pytest.raises(ValueError, match=r"\.npz file"):
+        load_transcoders(root)
+    clt = random_transcoders(d, 2, torch.float32, "clt")
+    clt.W_skip = [torch.zeros(d, d), torch.zeros(d, d)]
+    with pytest.raises(ValueError, match="CLT files have no skip"):
+        clt.save_circuit_tracer(tmp_path / "clt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]  # nothing half-written

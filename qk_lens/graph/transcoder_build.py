@@ -162,18 +162,20 @@ def transcoder_graph(
     sweep = Sweep(model, cap, tc)
     logits = LogitReadouts(sweep.arch, sweep.resid(sweep.n_layers), sweep.dtype, "cpu")
     specs = resolve_targets(model, logits, targets, pos, max_n_logits, desired_logit_prob)
+    seen = [(s.token, s.token_b) for s in specs]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"targets repeat a token or a difference: {seen}")
     str_tokens = cap.str_tokens or [str(t) for t in tokens.tolist()]
     nodes = TranscoderNodes(sweep, specs, pos, str_tokens, tokens.tolist())
     F, S = nodes.n_features, nodes.n_sources
     logit_nodes = torch.arange(S, S + len(specs))
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
 
+    fr_layer = torch.as_tensor(nodes.frame["layer"].to_numpy().copy(), dtype=torch.long)
+    fr_pos = torch.as_tensor(nodes.frame["position"].to_numpy().copy(), dtype=torch.long)
     rows: list[Tensor] = []  # computed target rows, as node indices
     blocks: list[Tensor] = []
     values: list[Tensor] = []
-
-    fr_layer = torch.as_tensor(nodes.frame["layer"].to_numpy().copy(), dtype=torch.long)
-    fr_pos = torch.as_tensor(nodes.frame["position"].to_numpy().copy(), dtype=torch.long)
 
     def compute(target_nodes: Tensor, bar: Any) -> None:
         # batches of one layer and nearby positions: each sweep starts at its highest target's
@@ -190,20 +192,30 @@ def transcoder_graph(
             values.append(nodes.values(layers, p, w, c))
             bar.update(len(chunk))
 
-    n_rows = len(specs) + (F if max_feature_nodes is None else min(F, max_feature_nodes))
+    # in a causal model nothing at a later position reaches the logits: those features get no row
+    causal = all(sweep.block(k).causal for k in range(sweep.n_layers))
+    candidates = torch.arange(F)
+    if causal:
+        candidates = candidates[fr_pos[:F] <= pos]
+    n_rows = len(specs) + (
+        len(candidates) if max_feature_nodes is None else min(len(candidates), max_feature_nodes)
+    )
     with tqdm(total=n_rows, desc="graph rows", disable=not progress) as bar:
         compute(logit_nodes, bar)
-        if max_feature_nodes is None or F <= max_feature_nodes:
-            compute(torch.arange(F), bar)
+        if max_feature_nodes is None or len(candidates) <= max_feature_nodes:
+            compute(candidates, bar)
         else:
-            done = torch.zeros(F, dtype=torch.bool)
-            while int(done.sum()) < max_feature_nodes:
+            done = torch.ones(F, dtype=torch.bool)
+            done[candidates] = False  # only candidates are ever picked
+            n_done = 0
+            while n_done < min(max_feature_nodes, len(candidates)):
                 infl = _influence(torch.cat(rows), torch.cat(blocks), logit_nodes, weights, S)
                 score = infl[:F].clone()
                 score[done] = -1.0
-                take = min(batch_size, max_feature_nodes - int(done.sum()))
+                take = min(batch_size, max_feature_nodes - n_done, int((~done).sum()))
                 nxt = torch.argsort(score, descending=True)[:take]
                 done[nxt] = True
+                n_done += len(nxt)
                 compute(nxt, bar)
     row_nodes = torch.cat(rows)
     A = torch.cat(blocks)
@@ -256,6 +268,7 @@ def transcoder_graph(
         edge_weight=weight,
         tokens=tokens.clone(),
         metadata=meta,
+        transcoders=tc,
     )
 
 
@@ -325,16 +338,16 @@ def _prune(
 
 
 def transcoder_loadings(
-    model: Any, graph: TranscoderGraph, batch_size: int = 32
+    model: Any, graph: TranscoderGraph, batch_size: int = 32, transcoders: Transcoders | None = None
 ) -> TranscoderLoadings:
     """Every edge of ``graph`` split by the attention heads its paths cross (docs/transcoders.md §7):
     ``residual`` (same position, no head, no skip), ``mlp`` (no head, through skip connections),
     ``heads[edge, layer, head]`` (paths whose only head hop is that head) and ``multi_head``
     (paths with two or more head hops), each computed directly, for all edges in batched sweeps."""
     require_attached(model)
-    tc = state_of(model).transcoders
+    tc = transcoders or graph.transcoders or state_of(model).transcoders
     if tc is None:
-        raise ValueError("no transcoders on the model: model.add_transcoders(...) first")
+        raise ValueError("no transcoders: pass transcoders= or call model.add_transcoders(...)")
     graph.check_model(model)
     graph.check_transcoders(tc)
     cap = capture_tokens(model, graph.tokens)

@@ -81,7 +81,7 @@ def transcoder_to_neuronpedia(
     """The graph as Neuronpedia graph JSON, with head loadings on every link and the QK tracing
     of the strongest (edge, head) pairs into the ``qk_max_targets`` most influential targets."""
     require_attached(model)
-    tc = state_of(model).transcoders
+    tc = graph.transcoders if graph.transcoders is not None else state_of(model).transcoders
     hl = loadings if loadings is not None else transcoder_loadings(model, graph)
     nd = graph.nodes
     tokens = graph.tokens.tolist()
@@ -102,14 +102,15 @@ def transcoder_to_neuronpedia(
                 node["neuronpedia"] = f"{npid}/{feat}"
         elif kind == "error":
             node.update(feature=None, layer=str(layer), feature_type=ERROR_TYPE,
-                        jsNodeId=f"{layer}_{pos}-0")  # fmt: skip
+                        jsNodeId=f"{layer}_-1-{pos}")  # fmt: skip
         elif kind == "embedding":
             node.update(feature=pos, layer="E", feature_type="embedding",
                         jsNodeId=f"E_{tokens[pos]}-{pos}", clerp=str(r.token))  # fmt: skip
         else:
             node.update(feature=feat, layer=str(n + 1), feature_type="logit",
                         jsNodeId=f"L_{feat}-{pos}", token_prob=float(r.prob),
-                        is_target_logit=first_logit, readout=_num(r.readout))  # fmt: skip
+                        is_target_logit=first_logit, readout=_num(r.readout),
+                        feature_b=int(r.feature_b))  # a logit difference a − b: b ≥ 0  # fmt: skip
             first_logit = False
         out_nodes.append(node)
     links = []
@@ -188,8 +189,10 @@ def _attach_qk(
     heads_abs = hl.heads.abs().double().numpy()  # [edge, layer, head]
     kinds = nd["kind"].to_numpy()
     cand = np.unique(tgt[crossing])
-    infl = nd["influence"].to_numpy()[cand]
-    order = cand[np.lexsort((-infl, kinds[cand] != "logit"))][:max_targets]
+    # most influential first: smallest cumulative influence (the one measure imports also have)
+    cum = nd["cumulative_influence"].to_numpy()[cand]
+    cum = np.where(np.isnan(cum), np.inf, cum)
+    order = cand[np.lexsort((cum, kinds[cand] != "logit"))][:max_targets]
     for t in order:
         e_idx = np.nonzero((tgt == t) & crossing)[0]
         flat = heads_abs[e_idx].reshape(len(e_idx), -1)
@@ -244,6 +247,7 @@ def load_graph_json(
     source: str | PathLike[str] | dict[str, Any],
     tokens: Any = None,
     activation_rtol: float = 1e-2,
+    transcoders: Any = None,
 ) -> TranscoderGraph:
     """A circuit-tracer / Neuronpedia graph JSON of this model's transcoders on its prompt, as a
     :class:`TranscoderGraph`: the same nodes and links, each edge recomputed here (the file's
@@ -253,9 +257,9 @@ def load_graph_json(
     prompt's token ids, for a model without a tokenizer (default: the model's tokens of the
     file's ``prompt``)."""
     require_attached(model)
-    tc = state_of(model).transcoders
+    tc = transcoders if transcoders is not None else state_of(model).transcoders
     if tc is None:
-        raise ValueError("no transcoders on the model: model.add_transcoders(...) first")
+        raise ValueError("no transcoders: pass transcoders= or call model.add_transcoders(...)")
     tc.check_model(model)
     where = str(source) if not isinstance(source, dict) else "the graph JSON"
     data = source if isinstance(source, dict) else json.loads(Path(source).read_text("utf-8"))
@@ -287,14 +291,25 @@ def load_graph_json(
                 f"logits are at layer {n + 1} ({n} layers): a graph of another model"
             )
     pos = int(logit_nodes[0]["ctx_idx"])
-    specs = [LogitSpec(int(nd["feature"]), -1, str(nd.get("clerp", "")),
-                       float(nd.get("token_prob", 0.0)), float(nd.get("token_prob", 0.0)))
+
+    def token_b(
+        nd: dict[str, Any],
+    ) -> int:  # a logit difference: qk_lens's field, or "a-b" in the id
+        if nd.get("feature_b") is not None:
+            return int(nd["feature_b"])
+        m = re.match(r"^\d+_(\d+)-(\d+)_\d+$", str(nd["node_id"]))
+        return int(m.group(2)) if m else -1
+
+    specs = [LogitSpec(int(nd["feature"]), token_b(nd), str(nd.get("clerp", "")),
+                       float(nd.get("token_prob", 0.0)),
+                       1.0 if token_b(nd) >= 0 else float(nd.get("token_prob", 0.0)))
              for nd in logit_nodes]  # fmt: skip
     full = TranscoderNodes(sweep, specs, pos, str_tokens, tokens.tolist())
     fr = full.frame
     key_of = {
-        (k, int(lay), int(p), int(f)): i
-        for i, (k, lay, p, f) in enumerate(zip(fr["kind"], fr["layer"], fr["position"], fr["feature"], strict=True))
+        (k, int(lay), int(p), int(f), *([int(b)] if k == "logit" else [])): i
+        for i, (k, lay, p, f, b) in enumerate(zip(fr["kind"], fr["layer"], fr["position"],
+                                                  fr["feature"], fr["feature_b"], strict=True))
     }  # fmt: skip
     # circuit-tracer's error ids 0_{layer}_{pos} can equal a layer-0 feature's id: an id names
     # every node that has it, and each link takes the pair whose edge is the file's weight
@@ -303,7 +318,7 @@ def load_graph_json(
     for nd in data["nodes"]:
         ft, nid, p = nd.get("feature_type"), nd["node_id"], int(nd["ctx_idx"])
         if ft == "logit":
-            key = ("logit", n, p, int(nd["feature"]))
+            key = ("logit", n, p, int(nd["feature"]), token_b(nd))
         elif ft == "embedding":
             m = re.match(r"^E_(-?\d+)_(\d+)$", nid)
             if m is None or int(m.group(1)) != int(tokens[p]):
@@ -369,15 +384,22 @@ def load_graph_json(
     src_t, tgt_t = torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
     weight = torch.tensor(wts, dtype=sweep.dtype)
     kept = np.array(sorted({i for ids in index.values() for i in ids}))
+    readable = torch.tensor(
+        [i for i in kept.tolist() if fr["kind"].iloc[i] in ("feature", "logit")], dtype=torch.long
+    )
+    if len(readable):  # every target's readout, with incoming links or not
+        layers, p, w, c = full.readouts(readable, logits)
+        readouts[readable.numpy()] = full.values(layers, p, w, c).double().numpy()
     new = np.full(len(fr), -1)
     new[kept] = np.arange(len(kept))
     frame = fr.iloc[kept].reset_index(drop=True)
     frame["readout"] = readouts[kept]
     infl = {nd["node_id"]: nd.get("influence") for nd in data["nodes"]}
-    frame["influence"] = [
+    # the file's "influence" is circuit-tracer's cumulative influence (smaller: more influential)
+    frame["influence"] = np.nan
+    frame["cumulative_influence"] = [
         np.nan if infl.get(i) is None else float(infl[i]) for i in frame["node_id"]
     ]
-    frame["cumulative_influence"] = frame["influence"]
     jw = np.array(json_w)
     diff = np.abs(weight.double().numpy() - jw) / np.maximum(np.abs(jw), 1e-12)
     meta = {
@@ -397,4 +419,5 @@ def load_graph_json(
         edge_weight=weight,
         tokens=tokens.clone(),
         metadata=meta,
+        transcoders=tc,
     )

@@ -37,6 +37,8 @@ class TranscoderGraph:
     edge_weight: Float[Tensor, "edge"]
     tokens: Int[Tensor, "pos"]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # the Transcoders it was built with (loadings and exports use them by default)
+    transcoders: Any = field(default=None, repr=False, compare=False)
 
     @property
     def n_nodes(self) -> int:
@@ -236,7 +238,8 @@ class TranscoderLoadings:
         nd = self.graph.nodes
         q = int(nd["position"].iloc[int(self.graph.edge_target[e])])
         k = int(nd["position"].iloc[int(self.graph.edge_source[e])])
-        return qk_attribution(m, self.graph.tokens, layer, head, q, k, basis="transcoders")
+        basis = self.graph.transcoders if self.graph.transcoders is not None else "transcoders"
+        return qk_attribution(m, self.graph.tokens, layer, head, q, k, basis=basis)
 
     def view(self, model: Any = None, **kwargs: Any) -> Any:
         """The interactive graph view (:func:`qk_lens.graph.graph_view.graph_view`): nodes, the

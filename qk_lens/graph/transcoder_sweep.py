@@ -35,18 +35,17 @@ class Sources:
     n_nodes: int
 
     def __post_init__(self) -> None:
-        self._padded: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._padded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def padded(self, k: int, n_pos: int) -> tuple[Int[Tensor, "m"], Tensor, Int[Tensor, "m"]]:
-        """Layer k's writes at positions < ``n_pos``, grouped by position: (node indices,
-        ``[n_pos, slot, d_model]``, each write's index in the flattened (pos, slot) axis)."""
-        key = (k, n_pos)
-        if key not in self._padded:
+        """Layer k's writes grouped by position, padded once over all ``n_pos`` positions:
+        (node indices, ``[n_pos, slot, d_model]``, each write's index in the flattened
+        (pos, slot) axis); a sweep over the first K positions uses ``[:K]``."""
+        if k not in self._padded:
             idx, pos, vec = self.by_layer[k]
-            ok = pos < n_pos
-            V_pad, flat = pad_by_position(vec[ok], pos[ok], n_pos)
-            self._padded[key] = (idx[ok], V_pad, flat)
-        return self._padded[key]
+            V_pad, flat = pad_by_position(vec, pos, n_pos)
+            self._padded[k] = (idx, V_pad, flat)
+        return self._padded[k]
 
 
 class Sweep:
@@ -171,7 +170,10 @@ class Sweep:
         def collect(k: int) -> None:  # sources written at layer k read the covector at x_{k+1}
             if k not in sources.by_layer:
                 return
-            idx, V_pad, flat = sources.padded(k, K)
+            idx, V_pad, flat = sources.padded(k, self.T)
+            S = V_pad.shape[1]
+            keep = flat < K * S  # the writes at the sweep's positions
+            V_pad, idx, flat = V_pad[:K], idx[keep], flat[keep]
             for s, e in zip(streams, edges, strict=True):
                 # per position: [n, d] · [slot, d]ᵀ, then back to one column per source
                 vals = torch.bmm(s.transpose(0, 1), V_pad.transpose(1, 2))  # [K, n, slot]
