@@ -590,50 +590,7 @@ def test_save_load_round_trip_and_corrupt_files(name, tmp_path):
 
 
 # ------------------------------------------------------------------------------ export
-NEURONPEDIA_SCHEMA = {  # the required structure of the frontend's graph JSON
-    "type": "object",
-    "required": ["metadata", "qParams", "nodes", "links"],
-    "properties": {
-        "metadata": {
-            "type": "object",
-            "required": ["slug", "scan", "prompt_tokens", "prompt"],
-            "properties": {
-                "prompt_tokens": {"type": "array", "items": {"type": "string"}},
-                "node_threshold": {"type": ["number", "null"]},
-            },
-        },
-        "qParams": {"type": "object"},
-        "nodes": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId",
-                             "clerp"],
-                "properties": {
-                    "node_id": {"type": "string"},
-                    "feature": {"type": ["integer", "null"]},
-                    "layer": {"type": ["string", "integer"]},
-                    "ctx_idx": {"type": "integer"},
-                    "feature_type": {"type": "string"},
-                    "jsNodeId": {"type": "string"},
-                    "clerp": {"type": "string"},
-                    "influence": {"type": ["number", "null"]},
-                    "activation": {"type": ["number", "null"]},
-                },
-            },
-        },
-        "links": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["source", "target", "weight"],
-                "properties": {"source": {"type": "string"}, "target": {"type": "string"},
-                               "weight": {"type": "number"}},
-            },
-        },
-    },
-}  # fmt: skip
-
+from qk_lens.graph import NEURONPEDIA_SCHEMA  # noqa: E402 (the package's own schema)
 
 TOY_KINDS = [pytest.param(False, marks=needs_hooked, id="hooked"), pytest.param(True, id="bridge")]
 

@@ -66,20 +66,17 @@ NEURONPEDIA_SCHEMA: dict[str, Any] = {
                     "source": {"type": "string"},
                     "target": {"type": "string"},
                     "weight": {"type": "number"},
+                    # qk_lens's split of the link (the frontend ignores it): residual + mlp
+                    # (+ multi_head for transcoder graphs) + the heads (a list for one layer, or
+                    # {layer: list}) = weight
                     "head_loadings": {
                         "type": "object",
-                        "required": ["residual", "mlp", "multi_head", "heads"],
+                        "required": ["residual", "mlp", "heads"],
                         "properties": {
                             "residual": {"type": "number"},
                             "mlp": {"type": "number"},
                             "multi_head": {"type": "number"},
-                            "heads": {
-                                "type": "object",
-                                "additionalProperties": {
-                                    "type": "array",
-                                    "items": {"type": "number"},
-                                },
-                            },  # fmt: skip
+                            "heads": {"type": ["object", "array"]},
                         },
                     },
                 },

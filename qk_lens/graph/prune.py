@@ -121,19 +121,27 @@ def prune(
     thr = find_threshold(all_scores, edge_threshold)
     edges = {tl: (r[v >= thr], c[v >= thr]) for tl, (r, c, v) in sparse.items()}
 
-    # Drop nodes without outgoing edges (all but logits) or without incoming ones (features).
-    needs_out = ~always_keep
+    keep, kept = drop_dangling(keep, [edges[tl] for tl in sorted(edges)], ~always_keep, is_feature)
+    return keep, kept, influence
+
+
+def drop_dangling(
+    keep: Bool[Tensor, "n_nodes"],
+    edges: list[tuple[Tensor, Tensor]],
+    needs_out: Bool[Tensor, "n_nodes"],
+    is_feature: Bool[Tensor, "n_nodes"],
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """circuit-tracer's last pruning step: repeatedly drop the nodes in ``needs_out`` without an
+    outgoing kept edge and the features without an incoming one (``edges``: (target, source)
+    node-index pairs), until nothing changes. Returns the node mask and the edges kept."""
     while True:
+        edges = [(r[ok], c[ok]) for r, c in edges for ok in [keep[r] & keep[c]]]
         has_out = torch.zeros_like(keep)
         has_in = torch.zeros_like(keep)
-        for tl, (r, c) in list(edges.items()):
-            ok = keep[r] & keep[c]
-            r, c = r[ok], c[ok]
-            edges[tl] = (r, c)
+        for r, c in edges:
             has_out[c] = True
             has_in[r] = True
         new_keep = keep & ~(needs_out & ~has_out) & ~(is_feature & ~has_in)
         if torch.equal(new_keep, keep):
-            break
+            return keep, edges
         keep = new_keep
-    return keep, [edges[tl] for tl in sorted(edges)], influence

@@ -23,7 +23,7 @@ from qk_lens.capture import prompt_to_tokens
 from qk_lens.checks import as_int, check_count, check_fraction
 from qk_lens.graph.checkpoints import LogitReadouts, resolve_targets
 from qk_lens.graph.nodes import embedding_id, error_id, feature_id, logit_id
-from qk_lens.graph.prune import find_threshold, normalize_rows
+from qk_lens.graph.prune import drop_dangling, find_threshold, normalize_rows
 from qk_lens.graph.transcoder_result import TranscoderGraph, TranscoderLoadings
 from qk_lens.graph.transcoder_sweep import Sources, Sweep
 from qk_lens.state import capture_tokens, require_attached, state_of
@@ -322,18 +322,7 @@ def _prune(
     vals = score[r, c]
     ok = vals >= find_threshold(vals, edge_threshold)
     er, ec = row_nodes[r[ok]], c[ok]
-    needs_out = ~always
-    while True:
-        ok = keep[er] & keep[ec]
-        er, ec = er[ok], ec[ok]
-        has_out = torch.zeros(n_nodes, dtype=torch.bool)
-        has_in = torch.zeros(n_nodes, dtype=torch.bool)
-        has_out[ec] = True
-        has_in[er] = True
-        new_keep = keep & ~(needs_out & ~has_out) & ~(is_feature & ~has_in)
-        if torch.equal(new_keep, keep):
-            break
-        keep = new_keep
+    keep, [(er, ec)] = drop_dangling(keep, [(er, ec)], ~always, is_feature)
     return keep, er, ec
 
 

@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 from qk_lens.display import register
+from qk_lens.views.html import json_script, page
 
 CSS = """
 .qkx{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#222;
@@ -149,12 +150,7 @@ def explorer_html(payload: dict[str, Any], fragment: bool = False) -> str:
         '<div class="bar heads"></div><div class="bar bases"></div>'
         '<div class="main"><canvas></canvas><div class="detail"></div></div>'
         '<div class="profile-box"></div><div class="tip"></div>'
-        f'<script type="application/json">{_payload_json(payload)}</script>'
+        f"{json_script(payload)}"
         f"<script>{SCRIPT.replace('ROOT_ID', json.dumps(root_id))}</script></div>"
     )
-    if fragment:
-        return body
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{title}</title></head><body>{body}</body></html>"
-    )
+    return page(body, title, fragment)

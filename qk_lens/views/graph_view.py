@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from qk_lens.display import register
+from qk_lens.views.html import json_script, page
 
 CSS = """
 .qkg{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#222;
@@ -83,18 +84,12 @@ def graph_view_html(payload: dict[str, Any], fragment: bool = False) -> str:
     """The page (``fragment``: the element alone, for a notebook cell)."""
     root_id = f"qkg-{uuid.uuid4().hex[:12]}"
     title = html.escape(str(payload.get("title", "graph")))
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     body = (
         f'<div class="qkg" id="{root_id}"><style>{CSS}</style><h1>{title}</h1>'
         f'<p class="note">{len(payload["nodes"])} nodes; the {len(payload["links"])} strongest of '
         f"{payload['n_edges']} links (blue positive, red negative).</p>"
         '<div class="main"><div class="canvas"></div><div class="detail"></div></div>'
-        f'<script type="application/json">{data}</script>'
+        f"{json_script(payload)}"
         f"<script>{SCRIPT.replace('ROOT_ID', json.dumps(root_id))}</script></div>"
     )
-    if fragment:
-        return body
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{title}</title></head><body>{body}</body></html>"
-    )
+    return page(body, title, fragment)

@@ -33,7 +33,7 @@ from qk_lens.files import write_text
 if TYPE_CHECKING:  # only for annotations; views never need torch at runtime
     import torch
 
-__all__ = ["Report", "bar_list", "pattern_heatmap", "table"]
+__all__ = ["Report", "bar_list", "json_script", "page", "pattern_heatmap", "table"]
 
 # Above this many key columns the heatmap switches to compact cells without printed numbers.
 MAX_NUMBERED_WIDTH = 32
@@ -343,3 +343,23 @@ class Report:
     def _repr_html_(self) -> str:
         # A fragment, not a document: notebooks embed it in their own page. CSS is scoped to .qkl.
         return f'<div class="qkl"><style>{CSS}</style>{self._body()}</div>'
+
+
+def json_script(payload: Any) -> str:
+    """``payload`` as a ``<script type="application/json">`` element (``</`` escaped, so the data
+    cannot end the element)."""
+    import json
+
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return f'<script type="application/json">{data}</script>'
+
+
+def page(body: str, title: str, fragment: bool) -> str:
+    """``body`` as a whole HTML document, or as it is (``fragment``: for a notebook cell);
+    ``title`` is already escaped."""
+    if fragment:
+        return body
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{title}</title></head><body>{body}</body></html>"
+    )
