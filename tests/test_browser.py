@@ -238,11 +238,30 @@ def test_explorer_click_a_cell_reads_the_induction_story(browser, tmp_path, brid
     page.page.locator(".bases button", has_text="upstream").click()
     up = page.page.locator(".detail table.terms").inner_text()
     assert "L0H" in up and "current token = fox" not in up
-    # a second key of the same query: both side by side
+    # a second key of the same query: the exact contrast by query part, then both side by side
     page.page.locator(".bases button", has_text="dictionary").click()
-    click_cell(page.page, q, 1, T, shift=True)
+    others = ex.tables["dictionary"].query("head == 0 and q_pos == @q and k_pos != @k")
+    k2 = int(others.sort_values("prob").iloc[-1]["k_pos"])
+    click_cell(page.page, q, k2, T, shift=True)
     assert page.page.locator(".detail .side > div").count() == 2
     assert "contrast of two keys" in page.page.locator(".detail").inner_text()
+    a = model.qk_attribution(prompt, 1, 0, q, k)
+    b = model.qk_attribution(prompt, 1, 0, q, k2)
+    delta = float(page.page.locator(".detail .delta").inner_text())
+    assert delta == pytest.approx(a.score - b.score, abs=2e-3)
+    diffs = [
+        float(t) for t in page.page.locator(".detail table.contrast td.diff").all_inner_texts()
+    ]
+    assert len(diffs) >= 2 and sum(diffs) == pytest.approx(delta, abs=2e-3)
+    # the listed query parts' differences are the attributions' own (same query parts)
+    qa, qb = a.query_marginals(), b.query_marginals()
+    first = page.page.locator(".detail table.contrast tr").nth(1).locator("td").all_inner_texts()
+    want = (
+        qa[qa["label"] == first[0]]["marginal"].sum()
+        - qb[qb["label"] == first[0]]["marginal"].sum()
+    )
+    assert float(first[3]) == pytest.approx(want, abs=2e-3)
+    page.shot(f"explorer-contrast-{'bridge' if bridge else 'hooked'}")
     page.check_clean()
 
 

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from einops import einsum
 
+from qk_lens.attribution.compute import setup
+from qk_lens.attribution.projection import project_side
 from qk_lens.attribution.table import qk_attribution_table
 from qk_lens.checks import check_index
 from qk_lens.display import render
@@ -38,6 +42,8 @@ class QKExplorer:
     top_k: int
     title: str
     profile: pd.DataFrame | None = field(default=None, repr=False)
+    # per basis: :func:`query_marginal_table` rows (the exact two-key contrast), or absent
+    marginals: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     @property
     def bases(self) -> list[str]:
@@ -46,7 +52,9 @@ class QKExplorer:
     def payload(self) -> dict[str, Any]:
         """The page's data: ``strings`` and ``parts`` ([kind, label] string indices and feature
         id), patterns as base64 bytes (probability × 255, rounded), each pair as
-        [head, q, k, prob, score, [[q part, k part, term, share, rank], …]]."""
+        [head, q, k, prob, score, [[q part, k part, term, share, rank], …], marginals], where
+        ``marginals`` (when computed) are q_a · k for the query parts ``query_rows[basis]["h,q"]``
+        of its row, then the rest of the score: two keys of one query subtract part by part."""
         strings: dict[str, int] = {}
         parts: dict[tuple[int, int, int, int], int] = {}
 
@@ -62,7 +70,24 @@ class QKExplorer:
                 parts[key] = len(parts)
             return parts[key]
 
+        marg = {
+            b: {
+                (int(h), int(q), int(k)): g.sort_values("order")["marginal"].tolist()
+                for (h, q, k), g in mdf.groupby(["head", "q_pos", "k_pos"], sort=True)
+            }
+            for b, mdf in self.marginals.items()
+        }
         cells: dict[str, list] = {}
+        rows_of: dict[str, dict[str, list[int]]] = {}
+        for basis, mdf in self.marginals.items():
+            # one list of query parts per (head, q), shared by every key of that row
+            rows_of[basis] = {
+                f"{h},{q}": [
+                    lab(str(r.q_kind), str(r.q_label), int(r.q_feature), int(q))
+                    for r in g.drop_duplicates("slot").sort_values("order").itertuples()
+                ]
+                for (h, q), g in mdf.groupby(["head", "q_pos"], sort=True)
+            }
         for basis, df in self.tables.items():
             out = []
             if not df.empty:
@@ -80,8 +105,13 @@ class QKExplorer:
                             _sig(term), None if share is None else _sig(share),
                             int(r.rank),
                         ])  # fmt: skip
-                    out.append([int(h), int(q), int(k), _sig(float(g["prob"].iloc[0])),
-                                _sig(score), rows])  # fmt: skip
+                    cell = [int(h), int(q), int(k), _sig(float(g["prob"].iloc[0])),
+                            _sig(score), rows]  # fmt: skip
+                    if basis in marg:
+                        m = marg[basis].get((int(h), int(q), int(k)))
+                        if m is not None:  # the row's parts' marginals, then the rest
+                            cell.append([_sig(v) for v in m] + [_sig(score - float(sum(m)))])
+                    out.append(cell)
             cells[basis] = out
         pat = np.clip(np.rint(self.patterns * 255.0), 0, 255).astype(np.uint8)
         profile = None
@@ -104,6 +134,7 @@ class QKExplorer:
             "parts": [[kind, label, feat] for (kind, label, feat, _) in parts],
             "patterns": [base64.b64encode(p.tobytes()).decode("ascii") for p in pat],
             "cells": cells,
+            "query_rows": rows_of,
             "profile": profile,
         }
 
@@ -167,10 +198,58 @@ def qk_explorer(
                                 min_prob=min_prob, basis=b)
         for b in bases
     }  # fmt: skip
+    marginals = {
+        b: query_marginal_table(model, prompt, layer, heads, b, tables[b], top_m=top_k)
+        for b in bases
+    }
     pattern = cap.pattern(layer)[heads].detach().double().cpu().numpy()
     tokens = cap.str_tokens or [str(t) for t in cap.tokens.tolist()]
     return QKExplorer(
         layer=layer, heads=heads, str_tokens=list(tokens), patterns=pattern, tables=tables,
         min_prob=float(min_prob), top_k=int(top_k),
-        title=title or f"QK explorer: layer {layer}", profile=profile,
+        title=title or f"QK explorer: layer {layer}", profile=profile, marginals=marginals,
     )  # fmt: skip
+
+
+def query_marginal_table(
+    model: Any,
+    prompt: Any,
+    layer: int,
+    heads: list[int],
+    basis: str,
+    table: pd.DataFrame,
+    top_m: int = 8,
+) -> pd.DataFrame:
+    """For the pairs of ``table`` (a :func:`qk_attribution_table`), the query-side marginals
+    q_a · k of the ``top_m`` query parts a that matter most in each (head, q) row (largest
+    |q_a · k| over the row's keys), the same parts for every key of the row: for two keys of
+    one query, s(q, k₁) − s(q, k₂) = Σ_a (q_a · k₁ − q_a · k₂) + the rest's difference, exactly
+    (the query parts are the same vectors for both keys)."""
+    cols = ["head", "q_pos", "k_pos", "slot", "order", "q_kind", "q_label", "q_feature",
+            "marginal"]  # fmt: skip
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    _, cap, qk, qb, kb = setup(model, prompt, layer, None, None, basis)
+    T = cap.n_tokens
+    positions = torch.arange(T)
+    pairs = table[["head", "q_pos", "k_pos"]].drop_duplicates()
+    H = torch.tensor(heads)
+    q_side = project_side(model, qk, "query", qb, positions, H)
+    k_side = project_side(model, qk, "key", kb, positions, H)
+    K_sum = k_side.vectors.sum(2)  # [h, T, d]: each key whole
+    meta = q_side.meta
+    hidx = {h: i for i, h in enumerate(heads)}
+    out = []
+    for (h, q), g in pairs.groupby(["head", "q_pos"], sort=True):
+        i, ks = hidx[int(h)], torch.tensor(g["k_pos"].to_numpy(), dtype=torch.long)
+        slots = q_side.valid[int(q)].nonzero().squeeze(-1)
+        rows = np.arange(q_side.rows_of(int(q)).start, q_side.rows_of(int(q)).stop)
+        m = einsum(q_side.vectors[i, int(q), slots], K_sum[i, ks], "a d, k d -> a k")
+        m = m.to(torch.float64)
+        keep = m.abs().amax(1).argsort(descending=True)[:top_m]
+        for order, a in enumerate(keep.tolist()):
+            r = int(rows[a])
+            for j, k in enumerate(ks.tolist()):
+                out.append((int(h), int(q), k, a, order, meta["kind"][r], meta["label"][r],
+                            int(meta["feature"][r]), float(m[a, j])))  # fmt: skip
+    return pd.DataFrame(out, columns=cols)

@@ -5,8 +5,9 @@ It lays out what :class:`qk_lens.attribution.explorer.QKExplorer` computed and n
 a head's attention pattern on a canvas (hover: the pair's attention and score); a click on a
 (query, key) cell shows its top terms (table, and the query part × key part matrix, hover: the
 term and its share of the score); a basis switch shows the same pair in another basis;
-shift-click on a second key of the same query puts the two keys side by side (their scores and
-top terms: the contrast); the QK profile of the heads, when given, below.
+shift-click on a second key of the same query shows the contrast s(q, k₁) − s(q, k₂) split exactly
+by query part (each part's q_a · k for both keys, as computed), then the two keys side by side;
+the QK profile of the heads, when given, below.
 """
 
 from __future__ import annotations
@@ -110,10 +111,21 @@ function one(q, k) {
   if (!c) return '<p class="sel">' + esc(headline) + '</p><p class="note">' + (k > q ? 'masked: a query only reads earlier keys' : 'attention below ' + D.min_prob + ': no terms computed for this pair (model.qk_attribution gives them)') + '</p>';
   return '<p class="sel">' + esc(headline) + '</p><p>attention <b class="prob">' + fmt(c[3]) + '</b>, score <b class="score">' + fmt(c[4]) + '</b> = the terms below (top ' + D.top_k + ') + the remainder</p>' + termsTable(c) + '<h3>query parts × key parts</h3>' + matrix(c);
 }
+function contrast(q, k1, k2) {
+  // s(q,k1) − s(q,k2) by query part: the parts are the same vectors for both keys
+  const a = cell(head, q, k1), b = cell(head, q, k2), rows = (D.query_rows[basis] || {})[D.heads[head] + ',' + q];
+  if (!a || !b || !rows || !a[6] || !b[6]) return '<p class="note">no exact split: both keys need attention ≥ ' + D.min_prob + '</p>';
+  const d = a[4] - b[4];
+  let s = '<p>s(q, ' + tok(k1) + ') − s(q, ' + tok(k2) + ') = <b class="delta">' + fmt(d) + '</b>, split by query part (exact: the rows sum to it)</p><table class="contrast"><tr><th>query part</th><th>· key ' + k1 + '</th><th>· key ' + k2 + '</th><th>difference</th><th>share</th></tr>';
+  const line = (name, x, y) => '<tr><td>' + name + '</td><td class="num">' + fmt(x) + '</td><td class="num">' + fmt(y) + '</td><td class="num diff">' + fmt(x - y) + '</td><td class="num">' + (d ? pct((x - y) / d) : '') + '</td></tr>';
+  rows.forEach((p, i) => { s += line(esc(label(p)), a[6][i], b[6][i]); });
+  s += line('all other query parts', a[6][rows.length], b[6][rows.length]);
+  return s + '</table>';
+}
 function detail() {
   const out = $('.detail');
   if (!sel) { out.innerHTML = '<p class="note">Click a cell of the pattern (query row, key column).</p>'; return; }
-  if (second) out.innerHTML = '<h2>contrast of two keys</h2><div class="side"><div>' + one(sel[0], sel[1]) + '</div><div>' + one(second[0], second[1]) + '</div></div>';
+  if (second) out.innerHTML = '<h2>contrast of two keys</h2>' + contrast(sel[0], sel[1], second[1]) + '<div class="side"><div>' + one(sel[0], sel[1]) + '</div><div>' + one(second[0], second[1]) + '</div></div>';
   else out.innerHTML = one(sel[0], sel[1]);
   out.querySelectorAll('.mcell').forEach((td) => { td.addEventListener('mousemove', (ev) => showTip(ev, 'term ' + fmt(+td.dataset.term) + (td.dataset.share !== 'null' ? ', ' + pct(+td.dataset.share) + ' of the score' : ''))); td.addEventListener('mouseleave', () => { tip.style.display = 'none'; }); });
 }
