@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DESCRIPTION_KINDS",
+    "ROLE",
     "LABEL_KINDS",
     "FeatureLabel",
     "LabelSet",
@@ -48,7 +49,9 @@ __all__ = [
 
 # Kinds of description label_features tries, in the default tie-break order.
 DESCRIPTION_KINDS = ("current token", "previous token", "position")
-LABEL_KINDS = (*DESCRIPTION_KINDS, "unclear", "dead")
+# a caller's own annotation of probe tokens (e.g. "antonyms: the word asked about"), tried last
+ROLE = "role"
+LABEL_KINDS = (*DESCRIPTION_KINDS, ROLE, "unclear", "dead")
 
 CRITERIA = ("precision", "f1")
 # Weight of recall when ranking by precision: only decides between (near-)equal precisions.
@@ -254,8 +257,10 @@ def label_features(
     positions: Int[Tensor, " n_tok"],
     token_names: Sequence[str],
     min_score: float = 0.5,
-    kinds: Sequence[str] = DESCRIPTION_KINDS,
+    kinds: Sequence[str] | None = None,
     criterion: str = "precision",
+    roles: Int[Tensor, " n_tok"] | None = None,
+    role_names: Sequence[str] | None = None,
 ) -> LabelSet:
     """Label every feature by its best-scoring description on the probe tokens.
 
@@ -270,7 +275,13 @@ def label_features(
     (ties go to the earlier kind, then the smaller value) becomes the label when its score is at
     least ``min_score``; otherwise the label is ``"unclear"`` with that best score, precision and
     recall kept. A feature never active on the probe is ``"dead"``.
+
+    ``roles`` (with ``role_names``) annotates probe tokens with what they are in their text
+    (an index into ``role_names``, -1 for none): the description ``role = <name>`` then competes
+    too (``kinds`` defaults to :data:`DESCRIPTION_KINDS`, plus ``"role"`` when roles are given).
     """
+    if kinds is None:
+        kinds = (*DESCRIPTION_KINDS, ROLE) if roles is not None else DESCRIPTION_KINDS
     if not isinstance(acts, Tensor):
         raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}")
     if acts.ndim != 2:
@@ -287,10 +298,21 @@ def label_features(
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = tuple(kinds)
-    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(DESCRIPTION_KINDS):
+    allowed = (*DESCRIPTION_KINDS, ROLE) if roles is not None else DESCRIPTION_KINDS
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(allowed):
         raise ValueError(
-            f"kinds must be distinct names from {DESCRIPTION_KINDS}, got {list(kinds)}"
+            f"kinds must be distinct names from {allowed}, got {list(kinds)}"
+            + ("" if roles is not None else " ('role' needs roles=)")
         )
+    if roles is not None:
+        roles = _check_ids("roles", roles, n_tok, -1).to(device)
+        if role_names is None or isinstance(role_names, str):
+            raise TypeError("roles= needs role_names=, a list of the roles' names")
+        role_names = [str(r) for r in role_names]
+        if n_tok and int(roles.max()) >= len(role_names):
+            raise ValueError(
+                f"role id {int(roles.max())} has no name: role_names has {len(role_names)} entries"
+            )
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not isinstance(min_score, numbers.Real) or not 0 <= float(min_score) <= 1:
@@ -309,6 +331,8 @@ def label_features(
         "previous token": (prev_tokens, prev_tokens >= 0),
         "position": (positions, torch.ones_like(positions, dtype=torch.bool)),
     }
+    if roles is not None:
+        per_token[ROLE] = (roles, roles >= 0)
     cands = [_Candidates.build(k, *per_token[k]) for k in kinds]
 
     score = np.zeros(d_sae)
@@ -348,7 +372,12 @@ def label_features(
         if s < min_score or value[f] < 0:
             labels.append(FeatureLabel(f, "unclear", "unclear", None, s, p, r, int(n_active[f])))
             continue
-        v: str | int = int(value[f]) if kind == "position" else str(token_names[value[f]])
+        if kind == ROLE:
+            v: str | int = role_names[value[f]]
+        elif kind == "position":
+            v = int(value[f])
+        else:
+            v = str(token_names[value[f]])
         labels.append(FeatureLabel(f, f"{kind} = {v}", kind, v, s, p, r, int(n_active[f])))
     return LabelSet(labels=labels, source="probe")
 
@@ -359,10 +388,13 @@ def label_dictionary(
     tokens: Int[Tensor, "batch seq"],
     min_score: float = 0.5,
     batch_size: int = 64,
-    kinds: Sequence[str] = DESCRIPTION_KINDS,
+    kinds: Sequence[str] | None = None,
     criterion: str = "precision",
+    roles: Int[Tensor, "batch seq"] | None = None,
+    role_names: Sequence[str] | None = None,
 ) -> LabelSet:
-    """Label ``dictionary``'s features from its activations on the probe ``tokens``.
+    """Label ``dictionary``'s features from its activations on the probe ``tokens``
+    (``roles``: each probe token's role, as in :func:`label_features`).
 
     Runs ``model`` (a TransformerLens model) on ``tokens`` in batches, encodes the activations at
     ``dictionary.hook_name`` with the SAE and calls :func:`label_features`. Token names come from
@@ -406,7 +438,18 @@ def label_dictionary(
         min_score=min_score,
         kinds=kinds,
         criterion=criterion,
+        roles=None if roles is None else _check_roles(roles, tokens).reshape(-1),
+        role_names=role_names,
     )
+
+
+def _check_roles(roles: Any, tokens: Tensor) -> Tensor:
+    if not isinstance(roles, Tensor) or roles.shape != tokens.shape:
+        shape = tuple(roles.shape) if isinstance(roles, Tensor) else type(roles).__name__
+        raise ValueError(
+            f"roles must be a tensor shaped like tokens {tuple(tokens.shape)}, got {shape}"
+        )
+    return roles
 
 
 def _token_names(model: Any, d_vocab: int) -> list[str]:

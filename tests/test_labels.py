@@ -566,3 +566,51 @@ def test_token_names_use_the_tokenizer():
         tokenizer = Tokenizer()
 
     assert _token_names(Model(), 6) == ["<0>", "<1>", "2", "<3>", "4", "5"]
+
+
+def test_role_labels():
+    """A caller's per-token roles compete as ``role = <name>``: a feature that fires on one role
+    across many tokens gets it; token features keep their token labels; tokens without a role
+    count for no role (precision is over the feature's whole activation)."""
+    tokens, prev, pos = probe()
+    n = len(tokens)
+    g = torch.Generator().manual_seed(3)
+    roles = torch.full((n,), -1)
+    asked = torch.randperm(n, generator=g)[: n // 6]
+    roles[asked] = 1  # "asked word", on many different tokens
+    roles[torch.randperm(n, generator=g)[: n // 6]] = 0
+    roles[asked] = 1
+    acts = torch.zeros(n, 3, dtype=torch.float64)
+    acts[:, 0] = (roles == 1).double() * (1 + torch.rand(n, generator=g, dtype=torch.float64))
+    acts[:, 1] = (tokens == 3).double()
+    half = (roles == 0).nonzero().squeeze(-1)
+    acts[half, 2] = 1.0
+    acts[(roles == -1).nonzero().squeeze(-1)[: len(half)], 2] = 1.0  # half its mass: no role
+    names = ["other role", "asked word"]
+    ls = label_features(acts, tokens, prev, pos, NAMES, roles=roles, role_names=names)
+    assert ls[0].label == "role = asked word" and ls[0].kind == "role"
+    assert ls[0].precision == pytest.approx(1.0) and ls[0].recall == pytest.approx(1.0)
+    assert ls[1].label == "current token = t3"
+    # half of feature 2's mass is on tokens with no role: its role's precision is 0.5
+    assert ls[2].label == "role = other role"
+    assert ls[2].precision == pytest.approx(0.5) and ls[2].recall == pytest.approx(1.0)
+    # without roles the kind is refused by name; roles need their names and matching shape
+    with pytest.raises(ValueError, match="'role' needs roles="):
+        label_features(acts, tokens, prev, pos, NAMES, kinds=["role"])
+    with pytest.raises(TypeError, match="role_names"):
+        label_features(acts, tokens, prev, pos, NAMES, roles=roles)
+    with pytest.raises(ValueError, match="role id 1 has no name"):
+        label_features(acts, tokens, prev, pos, NAMES, roles=roles, role_names=["one"])
+    with pytest.raises(ValueError, match="roles must have shape"):
+        label_features(acts, tokens, prev, pos, NAMES, roles=roles[:-1], role_names=names)
+
+
+def test_role_labels_save_and_load(tmp_path):
+    tokens, prev, pos = probe()
+    roles = torch.where(tokens == 2, 0, -1)
+    acts = (roles == 0).double()[:, None]
+    ls = label_features(acts, tokens, prev, pos, NAMES, roles=roles, role_names=["two"],
+                        kinds=["role"])  # fmt: skip
+    assert ls[0].label == "role = two"
+    back = LabelSet.load(ls.save(tmp_path / "labels.json"))
+    assert back[0] == ls[0]
