@@ -293,9 +293,15 @@ def test_qk_explorer_payload_and_bad_arguments():
     pairs = table.groupby(["head", "q_pos", "k_pos"]).ngroups
     assert len(data["cells"]["upstream"]) == pairs > 0 and data["heads"] == [0, 2]
     h, q, k, prob, score, rows, marginals = data["cells"]["dictionary"][0]
-    # the row's query parts' q_a · k, then the rest: they sum to the score
-    assert len(marginals) == len(data["query_rows"]["dictionary"][f"{h},{q}"]) + 1
-    assert sum(marginals) == pytest.approx(score, rel=1e-5, abs=1e-5)
+    # the row's query parts' q_a · k are the attribution's own query marginals
+    parts = data["query_rows"]["dictionary"][f"{h},{q}"]
+    assert len(marginals) == len(parts) + 1
+    qm = model.qk_attribution(prompt, 1, h, q, k).query_marginals()
+    for p, v in zip(parts, marginals, strict=False):
+        feature = data["parts"][p][2]
+        label = data["strings"][data["parts"][p][1]]
+        hit = qm[(qm["feature"] == feature) & (qm["label"] == label)]
+        assert len(hit) == 1 and float(hit["marginal"].iloc[0]) == pytest.approx(v, rel=1e-5)
     want = ex.tables["dictionary"].query("head == @h and q_pos == @q and k_pos == @k")
     assert len(rows) == len(want) == 5  # top 4 and the remainder
     for r in rows:

@@ -113,10 +113,12 @@ function one(q, k) {
 }
 function contrast(q, k1, k2) {
   // s(q,k1) − s(q,k2) by query part: the parts are the same vectors for both keys
-  const a = cell(head, q, k1), b = cell(head, q, k2), rows = (D.query_rows[basis] || {})[D.heads[head] + ',' + q];
-  if (!a || !b || !rows || !a[6] || !b[6]) return '<p class="note">no exact split: both keys need attention ≥ ' + D.min_prob + '</p>';
+  const a = cell(head, q, k1), b = cell(head, q, k2), rows = ((D.query_rows || {})[basis] || {})[D.heads[head] + ',' + q];
+  if (k2 > q) return '<p class="note">key ' + k2 + ' is masked: a query only reads earlier keys</p>';
+  if (!a || !b) return '<p class="note">no exact split: both keys need attention ≥ ' + D.min_prob + ' (model.qk_attribution(...).contrast gives it)</p>';
+  if (!rows || !a[6] || !b[6]) return '<p class="note">no exact split: this page was built without query marginals</p>';
   const d = a[4] - b[4];
-  let s = '<p>s(q, ' + tok(k1) + ') − s(q, ' + tok(k2) + ') = <b class="delta">' + fmt(d) + '</b>, split by query part (exact: the rows sum to it)</p><table class="contrast"><tr><th>query part</th><th>· key ' + k1 + '</th><th>· key ' + k2 + '</th><th>difference</th><th>share</th></tr>';
+  let s = '<p>s(q, ' + esc(tok(k1)) + ') − s(q, ' + esc(tok(k2)) + ') = <b class="delta">' + fmt(d) + '</b>, split by query part (exact: the rows sum to it)</p><table class="contrast"><tr><th>query part</th><th>· key ' + k1 + '</th><th>· key ' + k2 + '</th><th>difference</th><th>share</th></tr>';
   const line = (name, x, y) => '<tr><td>' + name + '</td><td class="num">' + fmt(x) + '</td><td class="num">' + fmt(y) + '</td><td class="num diff">' + fmt(x - y) + '</td><td class="num">' + (d ? pct((x - y) / d) : '') + '</td></tr>';
   rows.forEach((p, i) => { s += line(esc(label(p)), a[6][i], b[6][i]); });
   s += line('all other query parts', a[6][rows.length], b[6][rows.length]);
