@@ -478,8 +478,8 @@ def _reference(model: Any) -> dict[str, Any]:
     return out
 
 
-# HookedTransformer variants (stack (a)), every bridge, and both toys of each kind; the toys'
-# 40-token vocabulary is smaller than d_model: the other same-token code path.
+# HookedTransformer variants (stack (a)), every bridge, and the toys of each kind; the attn2
+# toys' 40-token vocabulary is smaller than d_model: the other same-token code path.
 FULL_MATRIX = [
     *hooked_only("gpt2", "llama", "qwen3", "gemma2", "attn_only"),
     *BRIDGE_NAMES,
@@ -687,7 +687,11 @@ def test_prompt_columns(name):
 
 
 # --------------------------------------------------------------------------- the toy models
-@pytest.fixture(scope="module", params=TOYS, ids="-".join)
+@pytest.fixture(
+    scope="module",
+    params=[(n, k) for n in toy.INDUCTION_NAMES for k in TOY_KINDS],
+    ids="-".join,
+)
 def toy_atlas(request):
     model = load_toy(*request.param)
     return model, head_atlas(model)

@@ -26,7 +26,9 @@ KINDS = ["hooked", "bridge"] if HOOKED else ["bridge"]
 needs_hooked = pytest.mark.skipif(not HOOKED, reason="needs HookedTransformer and SAELens")
 
 
-@pytest.fixture(scope="module", params=[(n, k) for n in toy.NAMES for k in KINDS], ids="-".join)
+@pytest.fixture(
+    scope="module", params=[(n, k) for n in toy.INDUCTION_NAMES for k in KINDS], ids="-".join
+)
 def model(request):
     name, kind = request.param
     return toy.load(name, bridge=kind == "bridge")
@@ -235,7 +237,8 @@ def test_training_script_all_models_side_by_side(tmp_path):
     for name in toy.NAMES:
         model = toy.load(tmp_path / name)
         assert model.toy.config["training"]["steps"] == 2
-        assert sorted(model.qk_dictionaries) == [0, 1]
+        assert sorted(model.qk_dictionaries) == list(range(model.cfg.n_layers))
+        assert (model.qk_transcoders is not None) == (name == "casebook")
 
 
 @needs_hooked
@@ -252,7 +255,8 @@ def test_training_forward_is_the_model_forward(name):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # random init leaves biases at 0 and norm weights at 1
         for pname, p in model.named_parameters():
-            if pname.split(".")[-1] in ("b_Q", "b_K", "b_V", "b_O", "b_U", "w", "b"):
+            if pname.split(".")[-1] in ("b_Q", "b_K", "b_V", "b_O", "b_U", "w", "b", "b_in",
+                                        "b_out"):  # fmt: skip
                 p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     batch = repeated_batch(6, WORD_IDS, 0, g, RepeatSpec())
     with torch.no_grad():
@@ -280,13 +284,14 @@ def test_repeat_data_is_unambiguous():
 
 
 @needs_hooked
-def test_training_is_reproducible():
+@pytest.mark.parametrize("name", ["attn2-ln", "casebook"])
+def test_training_is_reproducible(name):
     """Fixed seeds: the same recipe gives the same weights (init, data order, updates)."""
     from qk_lens.toy.recipes import RECIPES
     from qk_lens.toy.train import train_model
 
-    a, losses_a = train_model(RECIPES["attn2-ln"], steps=3, progress=False)
-    b, losses_b = train_model(RECIPES["attn2-ln"], steps=3, progress=False)
+    a, losses_a = train_model(RECIPES[name], steps=3, progress=False)
+    b, losses_b = train_model(RECIPES[name], steps=3, progress=False)
     assert losses_a == losses_b
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
@@ -299,14 +304,20 @@ def test_the_bridge_is_the_hooked_model(name):
     hooked = toy.load(name, bridge=False, dtype=torch.float64)
     bridge = toy.load(name, bridge=True, dtype=torch.float64)
     assert type(bridge).__name__ == "QKTransformerBridge"
-    toks = hooked.to_tokens("eel lark mole boar eel lark mole boar")
-    assert torch.equal(bridge.to_tokens("eel lark mole boar eel lark mole boar"), toks)
+    text = (
+        "i called aunt sally . we had dinner with uncle bob . so i called aunt"
+        if name == "casebook"
+        else "eel lark mole boar eel lark mole boar"
+    )
+    toks = hooked.to_tokens(text)
+    assert torch.equal(bridge.to_tokens(text), toks)
+    assert (toks != hooked.tokenizer.unk_token_id).all()
     with torch.no_grad():
         _, ch = hooked.run_with_cache(toks)
         _, cb = bridge.run_with_cache(toks)
     # Rotary tables are float32 on both sides (TransformerLens's buffers, Hugging Face's
     # computation), computed differently: equal to float32's rounding, not float64's.
-    tol = {"rtol": 0, "atol": 1e-9} if name == "attn2-ln" else {"rtol": 1e-6, "atol": 1e-6}
+    tol = {"rtol": 0, "atol": 1e-9} if name != "attn2-rope" else {"rtol": 1e-6, "atol": 1e-6}
     for hook in (
         "blocks.1.hook_resid_pre",
         "blocks.1.attn.hook_attn_scores",
@@ -337,7 +348,8 @@ def test_training_needs_stack_a(capsys):
         ({"attn_scores_soft_cap": 1.0}, r"sets \['attn_scores_soft_cap'\]"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ({"attn_scale": 2.0}, "attn_scale=2.0"),
-        ({"attn_only": False}, "attn_only=False"),
+        ({"attn_only": False}, "act_fn=None"),
+        ({"attn_only": False, "act_fn": "relu", "d_mlp": 64}, "act_fn='relu'"),
         ({"normalization_type": "LNPre"}, "normalization_type='LNPre'"),
     ],
 )
@@ -356,3 +368,52 @@ def test_the_bridge_rebuild_refuses_what_it_does_not_carry_over(extra, match):
     extra_key = dict(state, **{"blocks.0.attn.W_extra": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected \['blocks.0.attn.W_extra'\]"):
         hooked_to_hf(cfg, extra_key)
+
+
+@needs_hooked
+def test_transcoder_training_writes_what_it_trained(tmp_path):
+    """The casebook's transcoder stage on a small random model: circuit-tracer files that load
+    back, whose features are the top-k pre-activations recomputed here by hand, whose figures
+    are the held-out variance explained, and whose labels cover every feature."""
+    import dataclasses
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from qk_lens.toy.recipes import RECIPES, TranscoderRecipe
+    from qk_lens.toy.train import label_transcoders, train_transcoders, transcoder_batches
+    from qk_lens.transcoders import load_transcoders
+
+    recipe = dataclasses.replace(
+        RECIPES["casebook"], n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=32,
+        transcoder=TranscoderRecipe(d_transcoder=48, k=4, steps=5, batch_tokens=64),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(**recipe.hooked_config()))
+    figures = train_transcoders(model, recipe, tmp_path)
+    tc = load_transcoders(tmp_path / "transcoders", model)
+    assert (tc.activation, tc.k, tc.input_point, tc.output_point) == (
+        "topk",
+        4,
+        "mlp_input",
+        "mlp_out",
+    )
+    for layer in range(2):
+        x, y = next(transcoder_batches(model, layer, 256, 99, recipe))
+        pre = x @ tc.W_enc[layer] + tc.b_enc[layer]
+        keep = pre >= pre.topk(4, dim=-1).values[:, -1:]
+        acts = torch.where(keep, pre, 0.0)
+        torch.testing.assert_close(tc.encode(layer, x), acts)
+        assert torch.allclose(tc.W_dec[layer].norm(dim=-1), torch.ones(48), atol=1e-5)
+        # the recorded figure is the variance explained on the held-out batches (seeded apart)
+        from qk_lens.toy.train import EVAL_SEED
+
+        held = transcoder_batches(model, layer, 64, EVAL_SEED + 50 + layer, recipe)
+        xs, ys = zip(*(next(held) for _ in range(8)), strict=True)
+        hx, hy = torch.cat(xs), torch.cat(ys)
+        err = (tc.encode(layer, hx) @ tc.W_dec[layer] + tc.b_dec[layer] - hy).pow(2).sum()
+        ve = 1 - err / (hy - hy.mean(0)).pow(2).sum()
+        f = figures[f"layer_{layer}"]
+        assert f["variance_explained"] == pytest.approx(float(ve), abs=1e-4)
+        assert f["n_tokens"] == 8 * 64
+    labels = label_transcoders(model, tc, recipe, n_sequences=8)
+    assert sorted(labels) == [0, 1] and all(len(ls) == 48 for ls in labels.values())

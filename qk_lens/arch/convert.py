@@ -5,7 +5,8 @@ TransformerLens 4 has no HookedTransformer, so a model saved as a HookedTransfor
 LayerNorm + learned positions → ``GPT2LMHeadModel``; RMSNorm + rotary (rotate-half pairs, as
 TransformerLens's default) → ``LlamaForCausalLM`` with attention biases. HookedTransformer's
 unembedding bias becomes a bias on ``lm_head``. Attention-only models get an MLP whose output
-projection is zero, which adds exactly 0 to the residual stream.
+projection is zero, which adds exactly 0 to the residual stream; GPT-2-style models with GELU
+(``gelu_new``) MLPs keep theirs.
 """
 
 from __future__ import annotations
@@ -65,7 +66,14 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
     n_layers, d_model, n_heads, d_head = (
         cfg[k] for k in ("n_layers", "d_model", "n_heads", "d_head")
     )
-    _require(cfg, "attn_only", (True,), False)
+    attn_only = bool(cfg.get("attn_only", False))
+    if not attn_only and kind != ("LN", "standard"):
+        raise ValueError(
+            "cannot rebuild a HookedTransformer with MLPs and normalization_type="
+            f"{kind[0]!r} as a Hugging Face model; MLPs convert for LN+standard (GPT-2) only"
+        )
+    if not attn_only:
+        _require(cfg, "act_fn", ("gelu_new",), None)  # GPT-2's activation
     _require(cfg, "n_key_value_heads", (None,), None)
     _require(cfg, "use_attn_scale", (True,), True)
     _require(cfg, "attn_scale", (-1.0, d_head**0.5), -1.0)
@@ -77,7 +85,8 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
     if name == "GPT2LMHeadModel":
         hf_cfg = transformers.GPT2Config(
             n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=cfg["n_ctx"],
-            n_inner=4 * d_model, layer_norm_epsilon=eps, activation_function="gelu_new",
+            n_inner=4 * d_model if attn_only else cfg["d_mlp"], layer_norm_epsilon=eps,
+            activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape,
         )  # fmt: skip
     else:
@@ -99,6 +108,8 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
             p.zero_()  # the MLPs stay zero: an attention-only model's MLP adds nothing
         try:
             (_fill_gpt2 if name == "GPT2LMHeadModel" else _fill_llama)(hf, read, n_layers)
+            if not attn_only:
+                _fill_gpt2_mlps(hf, read)
             hf.lm_head.weight.copy_(read["unembed.W_U"].T)
             hf.lm_head.bias.copy_(read["unembed.b_U"])
         except RuntimeError as e:  # a shape that disagrees with the config
@@ -150,6 +161,17 @@ def _fill_gpt2(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
         attn.c_proj.bias.copy_(s[p + "attn.b_O"])
     t.ln_f.weight.copy_(s["ln_final.w"])
     t.ln_f.bias.copy_(s["ln_final.b"])
+
+
+def _fill_gpt2_mlps(hf: nn.Module, s: dict[str, Tensor]) -> None:
+    for layer, block in enumerate(hf.transformer.h):
+        p = f"blocks.{layer}."
+        block.ln_2.weight.copy_(s[p + "ln2.w"])
+        block.ln_2.bias.copy_(s[p + "ln2.b"])
+        block.mlp.c_fc.weight.copy_(s[p + "mlp.W_in"])  # Conv1D: x @ weight, as W_in
+        block.mlp.c_fc.bias.copy_(s[p + "mlp.b_in"])
+        block.mlp.c_proj.weight.copy_(s[p + "mlp.W_out"])
+        block.mlp.c_proj.bias.copy_(s[p + "mlp.b_out"])
 
 
 def _fill_llama(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:

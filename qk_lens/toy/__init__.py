@@ -5,9 +5,12 @@
 >>> model.to_str_tokens("fox owl cat fox owl cat")
 
 Models (``toy.NAMES``): ``attn2-ln`` (2-layer attention-only, LayerNorm, learned positions) and
-``attn2-rope`` (RMSNorm, rotary). Each ships its weights (safetensors), a word-level tokenizer,
+``attn2-rope`` (RMSNorm, rotary), trained on repeated random words; ``casebook`` (4 layers with
+MLPs, LayerNorm, learned positions) trained on the case-study grammar
+(``qk_lens.toy.casebook_corpus``). Each ships its weights (safetensors), a word-level tokenizer,
 a TopK SAE on every layer's ``hook_resid_pre`` (SAELens format) and feature labels computed from
-probe data. Rebuild any of them with ``python -m qk_lens.toy.train --model NAME``.
+probe data; the casebook also a TopK transcoder per layer (circuit-tracer's format). Rebuild any
+of them with ``qk-lens train --model NAME``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ if TYPE_CHECKING:
 
 MODELS_DIR = Path(__file__).parent / "models"
 NAMES = tuple(RECIPES)
+# the attention-only models trained on repeated random words (the induction demo's)
+INDUCTION_NAMES = tuple(n for n, r in RECIPES.items() if r.corpus == "repeats")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SAE_DIR = "saes"
 LABELS_FILE = "labels.json"
+TRANSCODER_DIR = "transcoders"
 
 
 @dataclass
@@ -41,6 +47,7 @@ class ToyInfo:
     directory: Path
     config: dict[str, Any]
     label_sets: dict[int, LabelSet] = field(default_factory=dict)  # layer -> labels
+    transcoder_labels: dict[int, LabelSet] = field(default_factory=dict)  # layer -> labels
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -48,7 +55,7 @@ class ToyInfo:
 
 
 def _retrain_hint(name: str) -> str:
-    return f"rebuild it with `python -m qk_lens.toy.train --model {name}`"
+    return f"rebuild it with `qk-lens train --model {name}`"
 
 
 def model_dir(name: str | Path = DEFAULT_MODEL) -> Path:
@@ -132,8 +139,24 @@ def load_model(
     info = ToyInfo(name=config.get("name", label), directory=directory, config=config)
     if dictionaries:
         _add_dictionaries(model, directory, info, dtype)
+        if (directory / TRANSCODER_DIR).is_dir():
+            _add_transcoders(model, directory, info)
     model.toy = info
     return model
+
+
+def _add_transcoders(model: Any, directory: Path, info: ToyInfo) -> None:
+    path = directory / TRANSCODER_DIR
+    labels = {}
+    for layer in range(model.cfg.n_layers):
+        f = path / f"labels_{layer}.json"
+        if f.is_file():
+            labels[layer] = LabelSet.load(f)
+    try:
+        model.add_transcoders(path, labels={k: v.to_dict() for k, v in labels.items()})
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the transcoders in {path} failed to load ({e})") from None
+    info.transcoder_labels = labels
 
 
 def hooked_transformer_available() -> bool:
@@ -229,6 +252,7 @@ def load(name: str | Path = DEFAULT_MODEL, **kwargs: Any) -> Any:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "INDUCTION_NAMES",
     "MODELS_DIR",
     "NAMES",
     "ToyInfo",

@@ -21,11 +21,14 @@ WORDS = (
 ).split()
 
 
-def build_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """Write the tokenizer files (tokenizer.json, tokenizer_config.json) to ``directory``."""
+def build_tokenizer(
+    directory: str | Path, words: tuple[str, ...] = WORDS
+) -> PreTrainedTokenizerFast:
+    """Write the tokenizer files (tokenizer.json, tokenizer_config.json) to ``directory``: ids
+    0 and 1 are the specials, then ``words`` in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate((*SPECIALS, *WORDS))}
+    vocab = {token: i for i, token in enumerate((*SPECIALS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
@@ -52,5 +55,5 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
-def vocab_size() -> int:
-    return len(SPECIALS) + len(WORDS)
+def vocab_size(words: tuple[str, ...] = WORDS) -> int:
+    return len(SPECIALS) + len(words)

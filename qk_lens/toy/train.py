@@ -1,10 +1,13 @@
 """Train a bundled toy model and its dictionaries from nothing: ``python -m qk_lens.toy.train``.
 
 Stages (each reproducible from the recipe's fixed seeds):
-1. the model, on repeated-segment sequences (see ``qk_lens.toy.data``), evaluated on held-out
-   sequences: induction and previous-token attention per head, loss on repeated vs fresh tokens;
+1. the model, on its corpus: repeated-segment sequences (``qk_lens.toy.data``), evaluated on
+   held-out sequences (induction and previous-token attention per head, loss on repeated vs
+   fresh tokens), or the casebook grammar (``qk_lens.toy.casebook_corpus``), evaluated by
+   held-out accuracy per case;
 2. a TopK SAE with SAELens on ``blocks.L.hook_resid_pre`` of every layer;
-3. feature labels from probe data (``qk_lens.labels``).
+3. for models with MLPs, a TopK transcoder per layer (circuit-tracer's format);
+4. feature labels from probe data (``qk_lens.labels``), with the casebook's roles.
 Everything is written to the model's directory (safetensors + JSON; SAEs in SAELens's format).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -37,6 +41,7 @@ except ImportError as e:  # TransformerLens 4: no HookedTransformer, no SAELens 
 
 from qk_lens.arch import arch_of
 from qk_lens.labels import LabelSet
+from qk_lens.toy import TRANSCODER_DIR
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.recipes import Recipe
 from qk_lens.toy.tokenizer import BOS, SPECIALS, WORDS, build_tokenizer
@@ -46,6 +51,55 @@ MODELS_DIR = Path(__file__).parent / "models"
 EVAL_SEED = 12345
 WORD_IDS = torch.arange(len(SPECIALS), len(SPECIALS) + len(WORDS))
 BOS_ID = SPECIALS.index(BOS)
+
+
+class Stream:
+    """Endless batches of training text for a recipe's corpus, reproducible from a seed.
+
+    ``next(n)`` gives token ids ``[n, n_ctx]`` and loss weights ``[n, n_ctx − 1]`` for the
+    next-token targets: on the repeats corpus 1 through the copy and 0 on the filler after it; on
+    the casebook corpus ``answer_weight`` on each item's answer and 1 elsewhere.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        seed: int,
+        held_out: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.n_ctx = recipe.n_ctx
+        if recipe.corpus == "casebook":
+            from qk_lens.toy.casebook_corpus import Grammar
+
+            self.grammar = Grammar(seed, held_out=held_out)
+            self.ids = {w: i + len(SPECIALS) for i, w in enumerate(recipe.words())}
+        elif recipe.corpus == "repeats":  # a caller's generator: its other draws interleave
+            self.gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+        else:
+            raise ValueError(f"unknown corpus {recipe.corpus!r}; corpora: repeats, casebook")
+
+    def roles(self, n: int) -> tuple[Int[Tensor, "n n_ctx"], Int[Tensor, "n n_ctx"], list[str]]:
+        """``n`` casebook texts with each token's role (an index into the returned names, -1
+        for none; BOS has none)."""
+        if self.recipe.corpus != "casebook":
+            raise ValueError("only the casebook corpus annotates roles")
+        docs = [self.grammar.document(self.n_ctx) for _ in range(n)]
+        names = sorted({r for d in docs for r in d.roles if r is not None})
+        index = {r: i for i, r in enumerate(names)}
+        tokens = torch.tensor([[BOS_ID] + [self.ids[w] for w in d.words] for d in docs])
+        roles = torch.tensor([[-1] + [index.get(r, -1) for r in d.roles] for d in docs])
+        return tokens, roles, names
+
+    def next(self, n: int) -> tuple[Int[Tensor, "n n_ctx"], Tensor]:
+        if self.recipe.corpus == "repeats":
+            batch = repeated_batch(n, WORD_IDS, BOS_ID, self.gen, RepeatSpec(n_ctx=self.n_ctx))
+            return batch.tokens, batch.scored[:, 1:].float()
+        docs = [self.grammar.document(self.n_ctx) for _ in range(n)]
+        tokens = torch.tensor([[BOS_ID] + [self.ids[w] for w in d.words] for d in docs])
+        answers = torch.tensor([d.answers for d in docs])
+        return tokens, 1 + (self.recipe.answer_weight - 1) * answers.float()
 
 
 def new_model(recipe: Recipe) -> HookedTransformer:
@@ -60,6 +114,14 @@ def _norm(x: Tensor, norm: Any, kind: str) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.w
 
 
+# TransformerLens's activations (gelu_new is GPT-2's tanh approximation)
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
 def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Tensor:
     """``model(tokens)`` for the toy recipes' architecture, with fused kernels (one QKV matmul,
     ``scaled_dot_product_attention``) and no hooks: 1.3–1.6× faster per training step on CPU.
@@ -69,8 +131,14 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
     """
     arch = arch_of(model)
     norm = arch.layer(0).attn_in.kind
-    if not arch.attn_only or norm not in ("LN", "RMS"):
-        raise ValueError("training_logits supports attention-only models with LN or RMS norms")
+    if norm not in ("LN", "RMS"):
+        raise ValueError("training_logits supports models with LN or RMS norms")
+    act = model.cfg.act_fn
+    if not arch.attn_only and (act not in _ACTIVATIONS or model.cfg.gated_mlp):
+        raise ValueError(
+            f"training_logits supports ungated MLPs with act_fn in {sorted(_ACTIVATIONS)}, "
+            f"not act_fn={act!r}, gated_mlp={model.cfg.gated_mlp}"
+        )
     if arch.positional not in ("standard", "rotary"):
         raise ValueError(f"unsupported positional embedding {arch.positional!r}")
     batch, seq = tokens.shape
@@ -94,6 +162,10 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
             scale=1.0 / attn.attn_scale,
         )  # [batch, head, pos, d_head]
         x = x + torch.einsum("bnpd,ndm->bpm", z, attn.W_O) + attn.b_O
+        if not arch.attn_only:
+            mlp = block.mlp
+            h = _ACTIVATIONS[act](_norm(x, block.ln2, norm) @ mlp.W_in + mlp.b_in)
+            x = x + h @ mlp.W_out + mlp.b_out
     x = _norm(x, model.ln_final, norm)
     return x @ model.unembed.W_U + model.unembed.b_U
 
@@ -110,17 +182,22 @@ def _lr_factor(recipe: Recipe, step: int, steps: int) -> float:
 def train_model(
     recipe: Recipe, steps: int | None = None, progress: bool = True
 ) -> tuple[HookedTransformer, list[float]]:
-    """Next-token training on repeated-segment sequences; returns the model and its loss curve.
+    """Next-token training on the recipe's corpus; returns the model and its loss curve.
 
-    Runs on one CPU thread: multi-threaded backward passes sum in a varying order, and the
-    recipe promises the same weights on every run (the model is too small to gain from more).
+    Runs on ``recipe.threads`` CPU threads: the summation order of the matrix products depends on
+    the thread count, and the recipe promises the same weights on every run.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(recipe.threads)
+    # on several threads the embedding's backward (an accumulating index_put) sums in thread
+    # order: run to run the weights differ in the last bits unless deterministic kernels are on
+    # (one thread is deterministic as it is, and the attn2 recipes' weights were built so)
+    torch.use_deterministic_algorithms(deterministic or recipe.threads > 1)
     try:
         return _train_model(recipe, steps, progress)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def _train_model(
@@ -128,17 +205,20 @@ def _train_model(
 ) -> tuple[HookedTransformer, list[float]]:
     model = new_model(recipe)
     steps = recipe.steps if steps is None else steps
-    gen = torch.Generator().manual_seed(recipe.seed + 1)
-    spec = RepeatSpec(n_ctx=recipe.n_ctx)
+    stream = Stream(recipe, recipe.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s, steps))
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=f"training {recipe.name}", disable=not progress):
-        batch = repeated_batch(recipe.batch_size, WORD_IDS, BOS_ID, gen, spec)
-        logits = training_logits(model, batch.tokens)[:, :-1]
-        scored = batch.scored[:, 1:]  # the filler after the copy is not trained on
-        loss = F.cross_entropy(logits[scored], batch.tokens[:, 1:][scored])
+        tokens, weights = stream.next(recipe.batch_size)
+        logits = training_logits(model, tokens)[:, :-1]
+        if recipe.corpus == "repeats":  # the filler after the copy is not trained on
+            scored = weights.bool()
+            loss = F.cross_entropy(logits[scored], tokens[:, 1:][scored])
+        else:
+            nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+            loss = (nll * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -177,13 +257,41 @@ def evaluate_model(model: HookedTransformer, n: int = 512, seed: int = EVAL_SEED
     }
 
 
+def item_tokens(items: list[Any], words: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """Prompts of casebook items as one right-padded batch, and each prompt's last position."""
+    ids = {w: i + len(SPECIALS) for i, w in enumerate(words)}
+    rows = [[BOS_ID] + [ids[w] for w in it.words[:-1]] for it in items]
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), BOS_ID, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    return tokens, torch.tensor([len(r) - 1 for r in rows])
+
+
+@torch.no_grad()
+def evaluate_cases(model: Any, recipe: Recipe, n: int = 500, seed: int = EVAL_SEED) -> dict:
+    """Accuracy of the top prediction on ``n`` held-out items per case (the model's own forward;
+    padding is on the right, so causal attention never sees it)."""
+    from qk_lens.toy.casebook_corpus import CASES, held_out_items
+
+    ids = {w: i + len(SPECIALS) for i, w in enumerate(recipe.words())}
+    out = {}
+    for case in CASES:
+        items = held_out_items(case, n, seed=seed)
+        tokens, last = item_tokens(items, recipe.words())
+        logits = model(tokens)[torch.arange(n), last]
+        answers = torch.tensor([ids[it.answer] for it in items])
+        out[case] = round(float((logits.argmax(-1) == answers).float().mean()), 4)
+    return {"n_per_case": n, "held_out_accuracy": out}
+
+
 def save_model(
     model: HookedTransformer, recipe: Recipe, directory: Path, extra: dict[str, Any]
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
-    build_tokenizer(directory / "tokenizer")
+    build_tokenizer(directory / "tokenizer", recipe.words())
     config = {
         "name": recipe.name,
         "description": recipe.description,
@@ -195,16 +303,21 @@ def save_model(
 
 
 def activation_batches(
-    model: HookedTransformer, hook: str, batch_tokens: int, seed: int, n_ctx: int
+    model: HookedTransformer,
+    hook: str,
+    batch_tokens: int,
+    seed: int,
+    recipe: Recipe,
 ) -> Iterator[Tensor]:
-    """Endless shuffled batches of ``hook`` activations on fresh repeated-segment sequences."""
+    """Endless shuffled batches of ``hook`` activations on fresh text of the recipe's corpus."""
     gen = torch.Generator().manual_seed(seed)
-    n_seq = 16 * math.ceil(batch_tokens / n_ctx)  # one forward feeds ~16 steps
+    stream = Stream(recipe, seed, generator=gen)
+    n_seq = 16 * math.ceil(batch_tokens / recipe.n_ctx)  # one forward feeds ~16 steps
     while True:
-        tokens = repeated_batch(n_seq, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=n_ctx)).tokens
+        tokens, _ = stream.next(n_seq)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=hook)
-        acts = cache[hook].reshape(-1, model.cfg.d_model).float()
+        acts = cache[hook].reshape(-1, cache[hook].shape[-1]).float()
         acts = acts[torch.randperm(len(acts), generator=gen)]
         for start in range(0, len(acts) - batch_tokens + 1, batch_tokens):
             yield acts[start : start + batch_tokens]
@@ -254,9 +367,7 @@ def train_saes(
             metadata=SAEMetadata(hook_name=hook, model_name=recipe.name),
         )
         sae = TopKTrainingSAE(cfg)
-        batches = activation_batches(
-            model, hook, r.batch_tokens, r.seed + 100 + layer, model.cfg.n_ctx
-        )
+        batches = activation_batches(model, hook, r.batch_tokens, r.seed + 100 + layer, recipe)
         trainer = SAETrainer(
             cfg=SAETrainerConfig(
                 total_training_samples=steps * r.batch_tokens,
@@ -274,23 +385,152 @@ def train_saes(
         path = directory / "saes" / hook
         trained.save_inference_model(path)
         inference = SAE.load_from_disk(str(path))
-        held_out = activation_batches(
-            model, hook, r.batch_tokens, EVAL_SEED + layer, model.cfg.n_ctx
-        )
+        held_out = activation_batches(model, hook, r.batch_tokens, EVAL_SEED + layer, recipe)
         figures[hook] = evaluate_sae(inference, held_out)
         figures[hook]["seconds"] = round(time.perf_counter() - t0, 1)
     return figures
+
+
+def transcoder_batches(
+    model: HookedTransformer, layer: int, batch_tokens: int, seed: int, recipe: Recipe
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches of (MLP input, MLP output) at ``layer``, BOS positions left out
+    (the transcoders zero them, as circuit-tracer does). The MLP input is the ``mlp_input``
+    point: ``ln2``'s output, gain and bias applied."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = Stream(recipe, seed)
+    n_seq = 16 * math.ceil(batch_tokens / recipe.n_ctx)
+    names = (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
+    ln2 = model.blocks[layer].ln2
+    while True:
+        tokens, _ = stream.next(n_seq)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
+            )
+            x = (cache[names[0]] * ln2.w + ln2.b)[:, 1:].reshape(-1, model.cfg.d_model).float()
+            y = cache[names[1]][:, 1:].reshape(-1, model.cfg.d_model).float()
+        order = torch.randperm(len(x), generator=gen)
+        x, y = x[order], y[order]
+        for start in range(0, len(x) - batch_tokens + 1, batch_tokens):
+            yield x[start : start + batch_tokens], y[start : start + batch_tokens]
+
+
+def _topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> Tensor:
+    # the inference formula of qk_lens.transcoders (top-k pre-activations kept as they are)
+    pre = x @ W_enc + b_enc
+    idx = pre.topk(k, dim=-1).indices
+    return pre * torch.zeros_like(pre).scatter_(-1, idx, 1.0)
+
+
+def train_transcoders(
+    model: HookedTransformer, recipe: Recipe, directory: Path, steps: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """A TopK transcoder per layer (``mlp_input`` → ``mlp_out``), trained with Adam on the
+    normalized squared error, decoder rows kept at unit norm; saved in circuit-tracer's format
+    under ``directory/transcoders``. Returns held-out figures per layer."""
+    from qk_lens.transcoders import Transcoders
+
+    r = recipe.transcoder
+    if r is None:
+        raise ValueError(f"recipe {recipe.name!r} has no transcoder recipe")
+    steps = r.steps if steps is None else steps
+    d, n = model.cfg.d_model, r.d_transcoder
+    weights: dict[str, list[Tensor]] = {"W_enc": [], "b_enc": [], "W_dec": [], "b_dec": []}
+    figures = {}
+    for layer in range(model.cfg.n_layers):
+        t0 = time.perf_counter()
+        torch.manual_seed(r.seed + layer)
+        batches = transcoder_batches(model, layer, r.batch_tokens, r.seed + 200 + layer, recipe)
+        x0, y0 = next(batches)
+        W_dec = torch.randn(n, d)
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        # encoder starts as the decoder's transpose, scaled to the input's size (as SAELens does)
+        W_enc = (W_dec.T * (y0.norm(dim=-1).mean() / x0.norm(dim=-1).mean())).clone()
+        params = [p.requires_grad_() for p in (W_enc, torch.zeros(n), W_dec, y0.mean(0))]
+        opt = torch.optim.Adam(params, lr=r.lr)
+        scale = (y0 - y0.mean(0)).pow(2).sum(-1).mean()
+        for _ in tqdm(range(steps), desc=f"transcoder L{layer}", leave=False):
+            x, y = next(batches)
+            acts = _topk_encode(x, params[0], params[1], r.k)
+            loss = (acts @ params[2] + params[3] - y).pow(2).sum(-1).mean() / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                params[2] /= params[2].norm(dim=-1, keepdim=True)
+        for name, p in zip(weights, params, strict=True):
+            weights[name].append(p.detach().clone())
+        held_out = transcoder_batches(model, layer, r.batch_tokens, EVAL_SEED + 50 + layer, recipe)
+        xs, ys = zip(*(next(held_out) for _ in range(8)), strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
+        with torch.no_grad():
+            acts = _topk_encode(x, params[0], params[1], r.k)
+            err = (acts @ params[2] + params[3] - y).pow(2).sum()
+        figures[f"layer_{layer}"] = {
+            "variance_explained": round(float(1 - err / (y - y.mean(0)).pow(2).sum()), 4),
+            "dead_features": int(((acts != 0).sum(0) == 0).sum()),
+            "n_tokens": len(x),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    tc = Transcoders(
+        name=f"{recipe.name}-transcoders", cross_layer=False, input_point="mlp_input",
+        output_point="mlp_out", activation="topk", k=r.k, model_name=recipe.name, **weights,
+    )  # fmt: skip
+    target = directory / TRANSCODER_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    tc.save_circuit_tracer(target)
+    return figures
+
+
+def probe_tokens(
+    recipe: Recipe, n_sequences: int
+) -> tuple[Tensor, Tensor | None, list[str] | None]:
+    """Fresh probe texts for labels (a seed training never uses): tokens, and on the casebook
+    each token's role."""
+    stream = Stream(recipe, EVAL_SEED + 7)
+    if recipe.corpus == "casebook":
+        return stream.roles(n_sequences)
+    return stream.next(n_sequences)[0], None, None
 
 
 def label_saes(model: Any, recipe: Recipe, n_sequences: int = 512) -> dict[str, LabelSet]:
     """Labels for every dictionary of an attached model, from held-out probe sequences."""
     from qk_lens.labels import label_dictionary
 
-    gen = torch.Generator().manual_seed(EVAL_SEED + 7)
-    tokens = repeated_batch(
-        n_sequences, WORD_IDS, BOS_ID, gen, RepeatSpec(n_ctx=recipe.n_ctx)
-    ).tokens
-    return {d.hook_name: label_dictionary(model, d, tokens) for d in model.qk_dictionaries.values()}
+    tokens, roles, names = probe_tokens(recipe, n_sequences)
+    return {
+        d.hook_name: label_dictionary(model, d, tokens, roles=roles, role_names=names)
+        for d in model.qk_dictionaries.values()
+    }
+
+
+def label_transcoders(
+    model: HookedTransformer, tc: Any, recipe: Recipe, n_sequences: int = 512
+) -> dict[int, LabelSet]:
+    """Labels for every layer's transcoder features, from the same probe sequences."""
+    from qk_lens.labels import label_features
+    from qk_lens.toy.tokenizer import SPECIALS
+
+    tokens, roles, names = probe_tokens(recipe, n_sequences)
+    hooks = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(tc.n_layers)]
+    prev = torch.cat([torch.full_like(tokens[:, :1], -1), tokens[:, :-1]], dim=1)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    token_names = [*SPECIALS, *recipe.words()]
+    out = {}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+        xs = [cache[h] * model.blocks[i].ln2.w + model.blocks[i].ln2.b for i, h in enumerate(hooks)]
+    for layer, x in enumerate(xs):
+        acts = tc.encode(layer, x.reshape(-1, model.cfg.d_model)).reshape(*tokens.shape, -1)
+        acts[:, : tc.zero_positions] = 0  # inactive at BOS, as in the split
+        out[layer] = label_features(
+            acts.reshape(-1, acts.shape[-1]), tokens.reshape(-1), prev.reshape(-1),
+            positions.reshape(-1), token_names,
+            roles=None if roles is None else roles.reshape(-1), role_names=names,
+        )  # fmt: skip
+    return out
 
 
 def _update_config(directory: Path, **entries: Any) -> None:
@@ -300,7 +540,7 @@ def _update_config(directory: Path, **entries: Any) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-STAGES = ("model", "saes", "labels")
+STAGES = ("model", "saes", "transcoders", "labels")
 
 
 def build(
@@ -321,7 +561,9 @@ def build(
         t0 = time.perf_counter()
         model, losses = train_model(recipe, steps=steps)
         seconds = time.perf_counter() - t0
-        metrics = evaluate_model(model)
+        metrics = (
+            evaluate_model(model) if recipe.corpus == "repeats" else evaluate_cases(model, recipe)
+        )
         training = {
             "steps": len(losses),
             "seconds": round(seconds, 1),
@@ -337,15 +579,29 @@ def build(
         figures = train_saes(model, recipe, out, steps=sae_steps)
         _update_config(out, saes=figures)
         yield {"saes": figures}
+    if "transcoders" in stages and recipe.transcoder is not None:
+        from qk_lens.toy import load_model
+
+        model = load_model(out, dictionaries=False, bridge=False)
+        figures = train_transcoders(model, recipe, out, steps=sae_steps)
+        _update_config(out, transcoders=figures)
+        yield {"transcoders": figures}
     if "labels" in stages:
         from qk_lens.toy import LABELS_FILE, load_model
 
-        model = load_model(out)
+        model = load_model(out, bridge=False)
         label_sets = label_saes(model, recipe, n_sequences=probe_sequences)
         summary = {}
         for hook, labels in label_sets.items():
             labels.save(out / "saes" / hook / LABELS_FILE)
             summary[hook] = labels.frame()["kind"].value_counts().to_dict()
+        tc = model.qk_transcoders
+        if tc is not None:
+            for layer, labels in label_transcoders(model, tc, recipe, probe_sequences).items():
+                labels.save(out / TRANSCODER_DIR / f"labels_{layer}.json")
+                summary[f"transcoder layer {layer}"] = (
+                    labels.frame()["kind"].value_counts().to_dict()
+                )
         _update_config(out, labels=summary)
         yield {"labels": summary}
 

@@ -1,0 +1,161 @@
+"""The casebook grammar: deterministic, every word in the vocabulary, answers right by the
+tables, and what is held out never in training (checked on 3,000 training documents)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qk_lens.toy.casebook_corpus import (
+    ANTONYMS,
+    CAPITALS,
+    CASES,
+    COLORS,
+    HELD_OUT_NAMES,
+    TITLES,
+    Grammar,
+    held_out_items,
+    held_out_objects,
+    held_out_question,
+    held_out_sums,
+    training_documents,
+    vocabulary,
+)
+
+N_DOCS = 3000
+OPPOSITE_OF = {**dict(ANTONYMS), **{b: a for a, b in ANTONYMS}}
+
+
+@pytest.fixture(scope="module")
+def training_items():
+    """Items drawn by the training stream's grammar (the seed the casebook recipe uses)."""
+    g = Grammar(1)
+    return {case: [g.item(case) for _ in range(1500)] for case in CASES}
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    a = [d.words for d, _ in zip(training_documents(7, 64), range(20), strict=False)]
+    b = [d.words for d, _ in zip(training_documents(7, 64), range(20), strict=False)]
+    c = [d.words for d, _ in zip(training_documents(8, 64), range(20), strict=False)]
+    assert a == b and a != c
+    assert all(len(w) == 63 for w in a)  # BOS makes 64
+
+
+def test_every_word_is_in_the_vocabulary_once():
+    vocab = vocabulary()
+    assert len(set(vocab)) == len(vocab)
+    words = set(vocab)
+    for d, _ in zip(training_documents(3, 64), range(N_DOCS), strict=False):
+        assert set(d.words) <= words
+        assert len(d.words) == len(d.answers) == len(d.roles)
+    for case in CASES:
+        for it in held_out_items(case, 200):
+            assert set(it.words) <= words
+
+
+def _truth(item) -> str:
+    """The answer recomputed from the tables, written apart from the grammar."""
+    w = item.words
+    if item.case == "antonyms":
+        asked = w[item.marks["source"]]
+        return {**dict(ANTONYMS), **{b: a for a, b in ANTONYMS}}[asked]
+    if item.case == "multiple-choice":
+        country = dict(CAPITALS)[w[item.marks["city"]]]
+        options = [w[item.marks[f"option{j}"]] for j in range(3)]
+        return "abc"[options.index(country)]
+    if item.case == "correctness":
+        return "yes" if dict(COLORS)[w[4]] == w[6] else "no"
+    if item.case == "arithmetic":
+        a, b, c = int(w[0]), int(w[2]), int(w[4])
+        return "yes" if a + b == c else "no"
+    # induction: the name after the last earlier occurrence of the final title
+    title = w[-2]
+    earlier = [i for i in range(len(w) - 2) if w[i] == title]
+    return w[earlier[-1] + 1]
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_answers_follow_the_tables(case, held_out, training_items):
+    items = held_out_items(case, 300) if held_out else training_items[case]
+    for it in items:
+        assert it.answer == _truth(it), it
+        src = it.words[it.marks["source"]]  # the evidence, found here without the marks
+        if case == "induction":
+            assert src == it.answer and it.words[it.marks["source"] - 1] == it.words[-2]
+        elif case == "antonyms":
+            after = {"of", "say"}
+            assert it.words[it.marks["source"] - 1] in after and OPPOSITE_OF[src] == it.answer
+        elif case == "multiple-choice":
+            assert it.words[it.marks["source"] - 2] == it.answer  # "( b ) france"
+        else:
+            assert it.marks["source"] == len(it.words) - 3  # the color / sum before "?"
+    if case in ("correctness", "arithmetic"):
+        yes = sum(it.answer == "yes" for it in items) / len(items)
+        assert 0.4 < yes < 0.6  # balanced, so "always no" is not 95%
+
+
+def test_held_out_names_never_in_a_training_story(training_items):
+    for it in training_items["induction"]:
+        names = [it.words[p] for k, p in it.marks.items() if k.startswith("name")]
+        assert not set(names) & set(HELD_OUT_NAMES)
+    for it in held_out_items("induction", 300):
+        names = [it.words[p] for k, p in it.marks.items() if k.startswith("name")]
+        assert set(names) <= set(HELD_OUT_NAMES)
+    # ...but they occur after titles in training filler, so they are not suppressed there
+    seen = set()
+    for d, _ in zip(training_documents(1, 64), range(N_DOCS), strict=False):
+        seen |= {d.words[i + 1] for i in range(len(d.words) - 1) if d.words[i] in TITLES}
+    assert set(HELD_OUT_NAMES) <= seen
+
+
+def test_held_out_checks_and_questions_never_in_training(training_items):
+    sums = held_out_sums()
+    assert len(sums) == 10
+    for it in training_items["arithmetic"]:
+        assert (int(it.words[0]), int(it.words[2])) not in sums
+    for it in held_out_items("arithmetic", 300):
+        assert (int(it.words[0]), int(it.words[2])) in sums
+    objects = held_out_objects()
+    assert len(objects) == 4
+    for it in training_items["correctness"]:
+        assert it.words[4] not in objects
+    for it in held_out_items("correctness", 300):
+        assert it.words[4] in objects
+
+    def question(it):
+        w = it.words
+        return w[it.marks["city"]], [w[it.marks[f"option{j}"]] for j in range(3)]
+
+    for it in training_items["multiple-choice"]:
+        assert not held_out_question(*question(it))
+    held = [question(it) for it in held_out_items("multiple-choice", 300)]
+    assert all(held_out_question(*q) for q in held)
+    positions = {q[1].index(dict(CAPITALS)[q[0]]) for q in held}
+    assert positions == {0, 1, 2}
+
+
+def test_held_out_antonyms_never_asked_in_training(training_items):
+    def asked(it):
+        w, i = it.words, it.marks["source"]
+        template = {"of": 0 if w[i + 1] == "is" else 1, "say": 2}[w[i - 1]]
+        return w[i], template
+
+    train = {asked(it) for it in training_items["antonyms"]}
+    held = {asked(it) for it in held_out_items("antonyms", 300)}
+    assert held and not train & held
+    assert {w for w, _ in train} == set(OPPOSITE_OF)  # every word is still asked in training
+
+
+def test_roles_mark_the_evidence():
+    for case in CASES:
+        for it in held_out_items(case, 50):
+            roles = it.roles()
+            assert len(roles) == len(it.words)
+            assert roles[-1] == f"{case}: the answer"
+            assert roles[it.marks["source"]] is not None
+            assert roles[-2] is not None  # the question's last word
+
+
+def test_unknown_case_is_refused():
+    with pytest.raises(ValueError, match="unknown case 'color'; cases: induction"):
+        Grammar(0).item("color")
