@@ -1,8 +1,9 @@
 """The ``qk-lens`` command.
 
 ``qk-lens demo``: the induction story on a bundled tiny model (no download), printed and written
-as a self-contained HTML report. Exit status: 0 confirmed, 1 ran but not confirmed, 2 something
-needed is missing or the input is invalid.
+as a self-contained HTML report; ``--model casebook --case NAME`` replays one of the paper's case
+studies on the casebook model (``qk_lens.casebook``). Exit status: 0 confirmed, 1 ran but not
+confirmed, 2 something needed is missing or the input is invalid.
 
 ``qk-lens table``: the batch run — ``qk_attribution_table`` of one layer for every prompt of a
 file (or ``--prompt``), written as one CSV / JSON Lines / Parquet table with a ``prompt`` column.
@@ -26,17 +27,29 @@ import sys
 from pathlib import Path
 
 EXIT_CONFIRMED, EXIT_NOT_CONFIRMED, EXIT_ERROR = 0, 1, 2
+_DEFAULT_OUT = Path("qk_lens_demo.html")  # the default object itself: an explicit --out differs
 
 
 def _demo(args: argparse.Namespace) -> int:
     from qk_lens import toy
     from qk_lens.demo import run_story
 
+    is_casebook = _is_casebook(args.model)
+    if args.case is not None and not is_casebook:
+        print(f"qk-lens demo: --case is for the casebook model (--model casebook), not "
+              f"{args.model!r}", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    if is_casebook and (args.prompt is not None or args.q_pos is not None):
+        print("qk-lens demo: the casebook demo draws its own held-out prompt; --prompt and "
+              "--q-pos are for the induction demo on attn2-ln / attn2-rope", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
     try:
         model = toy.load(args.model, bridge=args.bridge or None)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"qk-lens demo: cannot load the model: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if is_casebook:
+        return _casebook_demo(model, args)
     prompt = args.prompt
     if prompt is not None and not prompt.strip():
         print("qk-lens demo: --prompt is empty", file=sys.stderr)
@@ -81,6 +94,41 @@ def _demo(args: argparse.Namespace) -> int:
             f"{story.q_pos}, key {story.k_pos})"
         )
     return EXIT_CONFIRMED if story.confirmed else EXIT_NOT_CONFIRMED
+
+
+def _is_casebook(name: str) -> bool:
+    from qk_lens import toy
+
+    if name == "casebook":
+        return True
+    config = Path(name) / "config.json"
+    if name in toy.NAMES or not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("recipe", {}).get("corpus") == "casebook"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _casebook_demo(model, args: argparse.Namespace) -> int:
+    from qk_lens.casebook import run_case
+
+    case = args.case or "induction"
+    try:
+        study = run_case(model, case, progress=not args.quiet)
+    except (ValueError, TypeError) as e:
+        print(f"qk-lens demo: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(study.summary())
+    if args.out is not None:
+        out = Path(f"qk_lens_casebook_{case}.html") if args.out is _DEFAULT_OUT else Path(args.out)
+        try:
+            path = study.report().save(out)
+        except OSError as e:
+            print(f"qk-lens demo: cannot write the report to {out}: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"\nreport: {path.resolve()}")
+    return EXIT_CONFIRMED if study.confirmed else EXIT_NOT_CONFIRMED
 
 
 def _load_for_table(args: argparse.Namespace):
@@ -246,10 +294,10 @@ def _train(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.model]
     if args.seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.seed)
-    # one thread by default: the results are bit-reproducible, and `--model all` runs the
-    # models side by side, one per core
+    # the recipe's thread count by default (one for the small models, so `--model all` runs
+    # them side by side, one per core): the results are bit-reproducible for a thread count
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads or recipe.threads)
     try:
         out = (args.out or MODELS_DIR) / recipe.name
         for summary in build(recipe, out, stages, args.steps, args.sae_steps, args.probe_sequences):
@@ -261,6 +309,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qk_lens.toy import DEFAULT_MODEL, NAMES
+    from qk_lens.toy.casebook_corpus import CASES
 
     parser = argparse.ArgumentParser(
         prog="qk-lens", description="Explain why attention heads attend where they do."
@@ -294,10 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out",
         type=Path,
-        default=Path("qk_lens_demo.html"),
-        help="where the HTML report goes (default: ./qk_lens_demo.html)",
+        default=_DEFAULT_OUT,
+        help="where the HTML report goes (default: ./qk_lens_demo.html; with the casebook "
+        "./qk_lens_casebook_CASE.html)",
     )
     demo.add_argument("--no-report", dest="out", action="store_const", const=None)
+    demo.add_argument(
+        "--case",
+        choices=CASES,
+        default=None,
+        help="with --model casebook: the case study to replay (default: induction)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--bridge", action="store_true", help="load the model as a "
                       "TransformerBridge (the default where HookedTransformer is unavailable)")  # fmt: skip
     demo.set_defaults(run=_demo)
@@ -355,14 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=[*sorted(RECIPES), "all"], default=DEFAULT_MODEL,
                        help="'all' trains every bundled model at once, one process (and core) "
                        "each")  # fmt: skip
-    train.add_argument("--stages", default="model,saes,labels",
-                       help="comma-separated: model, saes, labels")  # fmt: skip
+    train.add_argument("--stages", default="model,saes,transcoders,labels",
+                       help="comma-separated: model, saes, transcoders (models with MLPs), labels")  # fmt: skip
     train.add_argument("--steps", type=int, default=None, help="model training steps")
-    train.add_argument("--sae-steps", type=int, default=None, help="SAE training steps")
+    train.add_argument("--sae-steps", type=int, default=None,
+                       help="SAE (and transcoder) training steps")  # fmt: skip
     train.add_argument("--probe-sequences", type=int, default=512)
     train.add_argument("--out", type=Path, default=None, help="default: the package's models/")
     train.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    train.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the "
+        "dictionaries (default: the recipe's; the model itself always trains on "
+        "the recipe's count, which its weights depend on)",
+    )
     train.set_defaults(run=_train)
     return parser
 

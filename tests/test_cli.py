@@ -7,8 +7,10 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import pytest
+
 from qk_lens import toy
-from qk_lens.cli import EXIT_CONFIRMED, EXIT_ERROR, main
+from qk_lens.cli import EXIT_CONFIRMED, EXIT_ERROR, EXIT_NOT_CONFIRMED, main
 
 
 class _Refs(HTMLParser):
@@ -55,6 +57,26 @@ def test_demo_options(tmp_path, capsys):
     assert code == EXIT_CONFIRMED, text
     assert "query position 9 ('jay') -> key position 4 ('fox')" in text
     assert "report:" not in text
+
+
+def test_casebook_demo_case(tmp_path, capsys):
+    """`qk-lens demo --model casebook --case NAME` replays the case and writes its report."""
+    out = tmp_path / "qk_lens_demo.html"
+    code = main(["demo", "--model", "casebook", "--case", "antonyms", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    # 0 when every check passes, 1 when one fails (the shipped model: docs/casebook.md)
+    assert code == (EXIT_CONFIRMED if "\nConfirmed" in text else EXIT_NOT_CONFIRMED), text
+    assert "case: antonyms" in text and "held-out prompts flipped" in text and "[ok]" in text
+    assert "edge across positions" in text and "qk_lens casebook: antonyms" in out.read_text()
+
+
+def test_casebook_demo_bad_flags(capsys):
+    assert main(["demo", "--model", "attn2-ln", "--case", "antonyms"]) == EXIT_ERROR
+    assert "--case is for the casebook model" in capsys.readouterr().err
+    assert main(["demo", "--model", "casebook", "--prompt", "the opposite of big is"]) == EXIT_ERROR
+    assert "draws its own held-out prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "casebook", "--case", "colour"])
 
 
 def test_demo_missing_model_exits_nonzero(tmp_path, capsys):

@@ -1,0 +1,594 @@
+"""The paper's case studies, replayed end to end on the bundled casebook model.
+
+For one case (``CASES``: induction, antonyms, multiple-choice, correctness, arithmetic) on a
+held-out prompt, :func:`run_case` walks the method and checks each step against the mechanism
+the grammar requires (docs/casebook.md):
+
+1. the model answers the held-out prompt;
+2. the transcoder attribution graph from the answer's logit has an edge into that logit that
+   crosses positions, from the token the answer depends on (the name, the word, the option, the
+   color, the sum);
+3. the head loadings of that edge name the heads that carried it, and those heads attend there;
+4. the QK attribution of the top head at (q = the edge's target, k = its source), in the
+   layer's SAE basis, gives the top query-feature × key-feature pair; its labels are checked
+   against what the key and the query are in the grammar;
+5. QK-only steering of that pair in those heads (the key feature scaled at the source, every
+   other head's pattern frozen: the hydra control) flips the answer, on this prompt and on 50
+   held-out prompts (the pair re-found on each);
+6. correctness and arithmetic: the heads whose attention from "?" to the checked token
+   separates true from false statements, with their W_QK eigenvalue skew from the head atlas;
+7. induction: when two names share the title, how much of the final title's preference for the
+   more recent one is positional (:func:`recency_split`), at the head that attends most from the
+   final title to the two names (:func:`name_head`).
+
+Steps 1–5 are checks (the demo's exit status); the skew and the positional share are reported
+as found, with a note where they differ from the paper's account.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qk_lens.checks import check_count
+from qk_lens.demo import Check
+from qk_lens.toy.casebook_corpus import CASES, Item, held_out_items
+from qk_lens.views import Report, bar_list, pattern_heatmap, table
+
+__all__ = [
+    "CASES",
+    "CaseStudy",
+    "RecencySplit",
+    "flip_rate",
+    "name_head",
+    "recency_split",
+    "run_case",
+    "separating_heads",
+]
+
+# the key feature's coefficient at the source is multiplied by this inside the steered heads
+STEER_SCALE = -4.0
+FLIP_MIN = 0.8  # the share of held-out prompts steering must flip
+ATTENTION_MIN = 0.3  # a head that carries the edge attends at least this much to the source
+N_FLIP = 50
+# a W_QK skew counts as clearly signed from here (random heads spread about 0.1: qk_lens.atlas)
+SKEW_CLEAR = 0.2
+
+
+def _source(item: Item) -> int:
+    return item.marks["source"] + 1  # BOS comes first
+
+
+def _labels_for(item: Item, pos: int, roles: list[str | None]) -> set[str]:
+    """Labels that describe the token at ``pos`` (prompt position, BOS = 0) by its content or
+    its role: a ``position = p`` feature describes where it is, not what it is."""
+    words = ("<bos>", *item.words[:-1])
+    out = {f"current token = {words[pos]}"}
+    if pos > 0:
+        out.add(f"previous token = {words[pos - 1]}")
+        role = roles[pos - 1]
+        if role is not None:
+            out.add(f"role = {role}")
+    return out
+
+
+@dataclass
+class RecencySplit:
+    """Why the final title prefers the more recent of two names with that title, at one head.
+
+    Per prompt: Δ = s(q, recent) − s(q, older); Δ_swapped the same with the two names exchanged
+    (same positions, contents swapped). The part of Δ that survives the swap is positional,
+    the part that flips with it is content: ``positional = (Δ + Δ_swapped) / 2``,
+    ``content = (Δ − Δ_swapped) / 2`` (they sum to Δ exactly). ``direct`` splits Δ exactly by
+    the key side's upstream parts (embeddings, positions, heads, MLPs, biases).
+    """
+
+    layer: int
+    head: int
+    frame: pd.DataFrame  # one row per prompt
+    direct: pd.DataFrame  # key-side upstream parts of Δ, summed over prompts
+
+    @property
+    def positional_share(self) -> float:
+        f = self.frame
+        return float(f["positional"].sum() / f["delta"].sum())
+
+    def summary(self) -> str:
+        f = self.frame
+        top = self.direct.head(4)
+        parts = ", ".join(f"{r.label} {r.share:+.0%}" for r in top.itertuples())
+        return (
+            f"L{self.layer}H{self.head} on {len(f)} prompts with two names under one title: "
+            f"mean Δ score (recent − older) {f['delta'].mean():+.2f}, of which positional "
+            f"{f['positional'].mean():+.2f} ({self.positional_share:.0%}) and content "
+            f"{f['content'].mean():+.2f}; attention to the recent name "
+            f"{f['p_recent'].mean():.2f} vs the older {f['p_older'].mean():.2f}. Direct key-side "
+            f"parts of Δ: {parts}"
+        )
+
+
+@dataclass
+class CaseStudy:
+    """One case on one prompt, step by step, with the checks; ``report()`` renders it."""
+
+    case: str
+    model_name: str
+    item: Item
+    str_tokens: list[str]
+    prediction: str
+    graph: Any
+    loadings: Any
+    edge: int
+    edge_info: dict[str, Any]
+    heads: pd.DataFrame  # the edge's top heads
+    layer: int
+    head: int
+    steer_heads: list[int]
+    q_pos: int
+    k_pos: int
+    pattern: np.ndarray  # the top head's pattern on the prompt
+    attribution: Any  # QKAttribution, the layer's SAE basis
+    pair: dict[str, Any]  # the top query × key feature pair
+    steering: Any  # QKSteering with the hydra control
+    steering_free: Any  # the same edit, other heads' patterns free
+    flips: pd.DataFrame  # held-out prompts: before, after, flipped
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    separating: pd.DataFrame | None = None  # correctness, arithmetic
+    recency: RecencySplit | None = None  # induction
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def flip_rate(self) -> float:
+        ok = self.flips[self.flips["answered"]]
+        return float(ok["flipped"].mean()) if len(ok) else float("nan")
+
+    def summary(self) -> str:
+        """Plain-text account for a terminal."""
+        e = self.edge_info
+        lines = [
+            f"model: {self.model_name}   case: {self.case}",
+            f"prompt: {self.item.prompt}",
+            f"answer: {self.item.answer!r}   model's top prediction: {self.prediction!r}",
+            "",
+            f"graph: {self.graph}",
+            f"edge across positions: {e['source_label']!r} at {e['source_pos']} "
+            f"({self.str_tokens[e['source_pos']]!r}) -> {e['target_label']!r} at "
+            f"{e['target_pos']} ({self.str_tokens[e['target_pos']]!r}), weight "
+            f"{e['weight']:+.3f}",
+            "heads carrying it (loading, share of the edge):",
+        ]
+        for r in self.heads.itertuples():
+            lines.append(f"  L{r.layer}H{r.head}  {r.loading:+.3f}  ({r.share:+.0%})")
+        p = self.pair
+        lines += [
+            "",
+            f"why L{self.layer}H{self.head} attends from {self.q_pos} to {self.k_pos} "
+            f"(prob {self.pattern[self.q_pos, self.k_pos]:.2f}, score "
+            f"{self.attribution.score:+.3f}); top terms:",
+        ]
+        for _, r in self.attribution.top(5).iterrows():
+            lines.append(
+                f"  {r['q_label'] or r['q_kind']:<40} x {r['k_label'] or r['k_kind']:<40} "
+                f"{r['term']:+8.3f} ({r['share']:+.0%})"
+            )
+        s = self.steering.summary()
+        lines += [
+            "",
+            f"steering: key feature {p['k_feature']} ({p['k_label']!r}) x {STEER_SCALE:g} at "
+            f"position {self.k_pos} in L{self.layer} heads {self.steer_heads}, other heads' "
+            f"patterns frozen: top prediction {s['top_before']!r} -> {s['top_after']!r}; "
+            f"without the control: -> {self.steering_free.summary()['top_after']!r}",
+            f"held-out prompts flipped: {self.flips['flipped'].sum()} of "
+            f"{int(self.flips['answered'].sum())} answered ({self.flip_rate:.0%}; "
+            f"needs >= {FLIP_MIN:.0%})",
+        ]
+        if self.separating is not None:
+            lines += ["", "heads whose attention from '?' separates true from false statements:"]
+            for r in self.separating.head(4).itertuples():
+                lines.append(
+                    f"  L{r.layer}H{r.head}  attention true {r.attn_true:.2f} / false "
+                    f"{r.attn_false:.2f}  ({r.kind})  W_QK skew {r.qk_skew:+.2f}"
+                )
+        if self.recency is not None:
+            lines += ["", "recency (two names, one title): " + self.recency.summary()]
+        lines += ["", "checks:"]
+        lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        if self.notes:
+            lines += ["", "notes:"] + [f"  {n}" for n in self.notes]
+        lines += ["", self.verdict()]
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        if self.confirmed:
+            return (
+                f"Confirmed: the {self.case} case runs end to end; steering flips "
+                f"{self.flip_rate:.0%} of held-out answers."
+            )
+        failed = "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
+        return f"Not confirmed. {failed}"
+
+    def report(self) -> Report:
+        """A self-contained HTML report of every step."""
+        rep = Report(f"qk_lens casebook: {self.case} on {self.model_name}")
+        rep.verdict(self.confirmed, self.verdict())
+        rep.add("Checks", table(pd.DataFrame([c.__dict__ for c in self.checks]), max_rows=20))
+        e = self.edge_info
+        rep.add(
+            "The edge across positions and the heads that carried it",
+            table(pd.DataFrame([e])),
+            table(self.heads, signed_columns=["loading", "share"]),
+        )
+        rep.add(
+            f"L{self.layer}H{self.head}: attention pattern",
+            pattern_heatmap(
+                self.pattern,
+                self.str_tokens,
+                highlight=[(self.q_pos, self.k_pos)],
+                caption=f"outlined: query {self.q_pos} → key {self.k_pos}",
+            ),
+        )
+        cols = ["q_label", "k_label", "term", "share", "q_activation", "k_activation"]
+        rep.add(
+            f"Why L{self.layer}H{self.head} attends there: top query × key terms",
+            table(
+                self.attribution.top(10)[cols],
+                signed_columns=["term", "share"],
+                caption=f"score {self.attribution.score:.4f}; terms sum to it exactly",
+            ),
+        )
+        rep.add(
+            "QK-only steering of the top pair",
+            table(self.steering.predictions(5), caption="with the hydra control"),
+            table(self.flips, max_rows=60, caption="held-out prompts"),
+        )
+        if self.separating is not None:
+            rep.add("Heads that separate true from false", table(self.separating, max_rows=20))
+        if self.recency is not None:
+            rep.add(
+                "Recency: positional vs content",
+                table(self.recency.frame, max_rows=60, caption=self.recency.summary()),
+                bar_list(
+                    list(
+                        zip(self.recency.direct["label"], self.recency.direct["delta"], strict=True)
+                    ),
+                    caption="key-side upstream parts of Δ (sum over prompts)",
+                ),
+            )
+        if self.notes:
+            rep.add("Notes", table(pd.DataFrame({"note": self.notes})))
+        return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _top_token(model: Any, prompt: str) -> str:
+    with torch.no_grad():
+        logits = model(prompt)[0, -1]
+    return model.tokenizer.decode([int(logits.argmax())])
+
+
+def _choose_item(model: Any, case: str, seed: int) -> Item:
+    """The first held-out item the model answers (for induction: with two names under the
+    final title, so recency matters)."""
+    for item in held_out_items(case, 200, seed=seed):
+        if case == "induction" and item.foil is None:
+            continue
+        if _top_token(model, item.prompt) == item.answer:
+            return item
+    raise ValueError(f"the model answers none of 200 held-out {case} prompts")
+
+
+def _cross_edge(graph: Any, loadings: Any, q_pos: int) -> int:
+    """The edge from an earlier position into the answer's logit that the heads carry most
+    (|Σ head loadings|); where no such edge survived pruning, into any node at the last
+    position."""
+    ed = graph.edges
+    carried = np.abs(loadings.heads.sum((1, 2)).double().numpy())
+    src, tgt = ed["source_pos"].to_numpy(), ed["target_pos"].to_numpy()
+    kind = graph.nodes["kind"].to_numpy()[ed["target_index"].to_numpy()]
+    cross = (src < tgt) & (tgt == q_pos)
+    for ok in (cross & (kind == "logit"), cross):
+        if ok.any():
+            return int(np.where(ok, carried, -1.0).argmax())
+    raise ValueError("the graph has no edge from an earlier position into the last one")
+
+
+def _top_pair(attr: Any) -> dict[str, Any]:
+    """The largest positive feature × feature term (what raises attention to the key)."""
+    top = attr.top(64, sign="pos")
+    ff = top[(top["q_kind"] == "feature") & (top["k_kind"] == "feature")]
+    if ff.empty:
+        raise ValueError(
+            f"no positive feature × feature term at L{attr.layer}H{attr.head} "
+            f"(q={attr.q_pos}, k={attr.k_pos})"
+        )
+    r = ff.iloc[0]
+    return {
+        "q_feature": int(r["q_feature"]),
+        "k_feature": int(r["k_feature"]),
+        "q_label": str(r["q_label"]),
+        "k_label": str(r["k_label"]),
+        "term": float(r["term"]),
+        "share": float(r["share"]),
+    }
+
+
+def _steer(model: Any, prompt: Any, layer: int, heads: list[int], pair: dict, k_pos: int,
+           freeze: bool) -> Any:  # fmt: skip
+    return model.steer_qk(
+        prompt, layer, heads, side="key",
+        features={(pair["k_feature"], k_pos): STEER_SCALE}, freeze_other_patterns=freeze,
+    )  # fmt: skip
+
+
+def flip_rate(
+    model: Any, case: str, layer: int, heads: list[int], head: int, n: int = N_FLIP,
+    seed: int = 777, progress: bool = False,
+) -> pd.DataFrame:  # fmt: skip
+    """On ``n`` held-out prompts: the top pair at (last position, source) of ``head``, steered
+    in ``heads`` with the hydra control; one row per prompt (``answered``: the clean model's
+    top prediction is the answer; ``flipped``: after steering it is not)."""
+    rows = []
+    for item in tqdm(
+        held_out_items(case, n, seed=seed), desc=f"{case} flips", disable=not progress
+    ):
+        tokens = model.to_tokens(item.prompt)
+        q, k = tokens.shape[1] - 1, _source(item)
+        attr = model.qk_attribution(tokens, layer, head, q, k)
+        try:
+            pair = _top_pair(attr)
+        except ValueError:  # nothing to steer: counted, as answered or not, and not flipped
+            top = _top_token(model, item.prompt)
+            rows.append({"prompt": item.prompt, "answer": item.answer,
+                         "answered": top == item.answer, "before": top, "after": top,
+                         "flipped": False, "pair": "no positive feature pair"})  # fmt: skip
+            continue
+        st = _steer(model, tokens, layer, heads, pair, k, freeze=True).summary()
+        answered = st["top_before"] == item.answer
+        rows.append(
+            {
+                "prompt": item.prompt,
+                "answer": item.answer,
+                "answered": answered,
+                "before": st["top_before"],
+                "after": st["top_after"],
+                "flipped": bool(answered and st["top_after"] != item.answer),
+                "pair": f"{pair['q_label']} x {pair['k_label']}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def separating_heads(model: Any, case: str, n: int = 100, seed: int = 555) -> pd.DataFrame:
+    """Every head's mean attention from the final "?" to the checked token on true vs false
+    held-out statements, sorted by |difference|, with the head atlas's W_QK skew."""
+    if case not in ("correctness", "arithmetic"):
+        raise ValueError(f"separating_heads is for correctness and arithmetic, not {case!r}")
+    items = held_out_items(case, n, seed=seed)
+    sums: dict[bool, torch.Tensor] = {}
+    counts = {True: 0, False: 0}
+    for item in items:
+        cap = model.qk_capture(item.prompt)
+        q, k = cap.n_tokens - 1, _source(item)
+        att = torch.stack([cap.pattern(layer)[:, q, k] for layer in range(model.cfg.n_layers)])
+        truth = item.answer == "yes"
+        sums[truth] = sums.get(truth, 0) + att.double()
+        counts[truth] += 1
+    if not counts[True] or not counts[False]:
+        raise ValueError(
+            f"separating_heads needs true and false statements; {n} held-out {case} items "
+            f"(seed {seed}) gave {counts[True]} true and {counts[False]} false: raise n"
+        )
+    at, af = sums[True] / counts[True], sums[False] / counts[False]
+    skew = model.head_atlas(composition=False).frame.set_index(["layer", "head"])["qk_skew"]
+    rows = []
+    for layer in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            d = float(at[layer, h] - af[layer, h])
+            rows.append({
+                "layer": layer, "head": h, "attn_true": float(at[layer, h]),
+                "attn_false": float(af[layer, h]), "difference": d,
+                "kind": "concordance" if d > 0 else "discordance",
+                "qk_skew": float(skew.loc[(layer, h)]),
+            })  # fmt: skip
+    out = pd.DataFrame(rows)
+    return out.reindex(out["difference"].abs().sort_values(ascending=False).index).reset_index(
+        drop=True
+    )
+
+
+def _two_name_items(n: int, seed: int) -> list[tuple[Item, int, int]]:
+    """(item, recent, older): held-out stories with two names under the final title, with the
+    two names' prompt positions."""
+    out = []
+    for item in held_out_items("induction", 20 * n, seed=seed):
+        if item.foil is None:
+            continue
+        older = [p + 1 for key, p in item.marks.items()
+                 if key.startswith("name") and item.words[p] == item.foil]  # fmt: skip
+        out.append((item, _source(item), older[-1]))
+        if len(out) == n:
+            break
+    return out
+
+
+def name_head(model: Any, n: int = 20, seed: int = 999) -> tuple[int, int, float]:
+    """(layer, head, attention): the head with the most attention from the final title to the
+    two names under it, on ``n`` held-out stories."""
+    total = None
+    for item, recent, older in _two_name_items(n, seed):
+        cap = model.qk_capture(item.prompt)
+        q = cap.n_tokens - 1
+        att = torch.stack([cap.pattern(layer)[:, q, [recent, older]].sum(-1)
+                           for layer in range(model.cfg.n_layers)]).double()  # fmt: skip
+        total = att if total is None else total + att
+    mean = total / n
+    layer, head = divmod(int(mean.argmax()), mean.shape[1])
+    return layer, head, float(mean[layer, head])
+
+
+def recency_split(model: Any, layer: int, head: int, n: int = 40, seed: int = 999) -> RecencySplit:
+    """:class:`RecencySplit` on held-out induction prompts with two names under the final title."""
+    rows, direct = [], None
+    for item, recent, older in _two_name_items(n, seed):
+        words = list(item.words[:-1])
+        swapped = list(words)
+        swapped[recent - 1], swapped[older - 1] = words[older - 1], words[recent - 1]
+        q = len(words)  # BOS + words: the last position
+        deltas, probs = [], None
+        for w in (words, swapped):
+            a = model.qk_attribution(" ".join(w), layer, head, q, recent, key_basis="upstream")
+            b = model.qk_attribution(" ".join(w), layer, head, q, older, key_basis="upstream")
+            deltas.append(a.score - b.score)
+            if probs is None:
+                probs = (a.prob, b.prob)
+                km = a.key_marginals().groupby("label")["marginal"].sum()
+                kb = b.key_marginals().groupby("label")["marginal"].sum()
+                part = km.sub(kb, fill_value=0.0)
+                direct = part if direct is None else direct.add(part, fill_value=0.0)
+        d, ds = deltas
+        rows.append({
+            "prompt": " ".join(words), "recent": words[recent - 1], "older": words[older - 1],
+            "distance": recent - older, "delta": d, "delta_swapped": ds,
+            "positional": (d + ds) / 2, "content": (d - ds) / 2,
+            "p_recent": probs[0], "p_older": probs[1],
+        })  # fmt: skip
+    if not rows:
+        raise ValueError("no held-out induction prompt has two names under the final title")
+    frame = pd.DataFrame(rows)
+    total = float(frame["delta"].sum())
+    dframe = direct.rename("delta").reset_index()
+    dframe["share"] = dframe["delta"] / total if total else np.nan
+    dframe = dframe.reindex(dframe["delta"].abs().sort_values(ascending=False).index)
+    return RecencySplit(layer, head, frame, dframe.reset_index(drop=True))
+
+
+def run_case(
+    model: Any,
+    case: str,
+    item: Item | None = None,
+    n_flip: int = N_FLIP,
+    seed: int = 12345,
+    progress: bool = False,
+) -> CaseStudy:
+    """Run one case end to end on the casebook model (attached, with its SAEs and transcoders)."""
+    if case not in CASES:
+        raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+    n_flip = check_count("n_flip", n_flip)
+    if model.qk_transcoders is None:
+        raise ValueError("the casebook needs the model's transcoders (toy.load('casebook'))")
+    item = _choose_item(model, case, seed) if item is None else item
+    prompt = item.prompt
+    tokens = model.to_tokens(prompt)
+    str_tokens = list(model.to_str_tokens(prompt))
+    q = tokens.shape[1] - 1
+    want_k = _source(item)
+    prediction = _top_token(model, prompt)
+
+    graph = model.transcoder_graph(tokens, targets=[item.answer])
+    loadings = model.transcoder_loadings(graph)
+    e = _cross_edge(graph, loadings, q)
+    ed = graph.edges.iloc[e]
+    nodes = graph.nodes
+    info = {
+        "source": ed["source"], "target": ed["target"],
+        "source_label": nodes["label"].iloc[int(ed["source_index"])] or ed["source"],
+        "target_label": nodes["label"].iloc[int(ed["target_index"])] or ed["target"],
+        "source_pos": int(ed["source_pos"]), "target_pos": int(ed["target_pos"]),
+        "weight": float(ed["weight"]),
+    }  # fmt: skip
+    heads = loadings.top_heads(e, 3)
+    layer, head = int(heads["layer"].iloc[0]), int(heads["head"].iloc[0])
+    top_load = float(heads["loading"].iloc[0])
+    steer_heads = [
+        int(r.head) for r in heads.itertuples()
+        if r.layer == layer and r.loading * top_load > 0 and abs(r.loading) >= 0.25 * abs(top_load)
+    ]  # fmt: skip
+    k = info["source_pos"]
+    cap = model.qk_capture(tokens)
+    pattern = cap.pattern(layer)[head].detach().double().cpu().numpy()
+    attr = model.qk_attribution(tokens, layer, head, q, k)
+    pair = _top_pair(attr)
+    steering = _steer(model, tokens, layer, steer_heads, pair, k, freeze=True)
+    steering_free = _steer(model, tokens, layer, steer_heads, pair, k, freeze=False)
+    flips = flip_rate(model, case, layer, steer_heads, head, n=n_flip, progress=progress)
+
+    roles = item.roles()
+    want_key = _labels_for(item, k, roles)
+    want_query = _labels_for(item, q, roles)
+    s = steering.summary()
+    study = CaseStudy(
+        case=case, model_name=str(model.cfg.model_name), item=item, str_tokens=str_tokens,
+        prediction=prediction, graph=graph, loadings=loadings, edge=e, edge_info=info,
+        heads=heads, layer=layer, head=head, steer_heads=steer_heads, q_pos=q, k_pos=k,
+        pattern=pattern, attribution=attr, pair=pair, steering=steering,
+        steering_free=steering_free, flips=flips,
+    )  # fmt: skip
+    rate = study.flip_rate
+    study.checks = [
+        Check("answers", prediction == item.answer,
+              f"top prediction {prediction!r}; the answer is {item.answer!r}"),
+        Check("edge from the evidence", k == want_k,
+              f"the heads carry most into position {q} from position {k} "
+              f"({str_tokens[k]!r}); the grammar's evidence is at {want_k} "
+              f"({str_tokens[want_k]!r})"),
+        Check("the heads attend there", pattern[q, k] >= ATTENTION_MIN,
+              f"L{layer}H{head} (loading {top_load:+.3f}, {heads['share'].iloc[0]:+.0%} of the "
+              f"edge) puts {pattern[q, k]:.2f} of its attention on {k} (needs >= "
+              f"{ATTENTION_MIN})"),
+        Check("key feature tags the evidence", pair["k_label"] in want_key,
+              f"key side {pair['k_label']!r} (term {pair['term']:+.3f}, {pair['share']:+.0%} of "
+              f"the score); descriptions of position {k}: {sorted(want_key)}"),
+        Check("query feature reads the question", pair["q_label"] in want_query,
+              f"query side {pair['q_label']!r}; descriptions of position {q}: "
+              f"{sorted(want_query)}"),
+        Check("steering flips this answer",
+              s["top_before"] == item.answer and s["top_after"] != item.answer,
+              f"{s['top_before']!r} -> {s['top_after']!r} (prob {s['top_after_prob']:.2f})"),
+        Check("steering flips held-out answers", rate >= FLIP_MIN,
+              f"{int(flips['flipped'].sum())} of {int(flips['answered'].sum())} answered "
+              f"held-out prompts ({rate:.0%}; needs >= {FLIP_MIN:.0%})"),
+    ]  # fmt: skip
+    if steering_free.summary()["top_after"] == item.answer and s["top_after"] != item.answer:
+        study.notes.append(
+            "without the hydra control the answer survives the steering: other heads "
+            "compensate when their patterns may change"
+        )
+    if case in ("correctness", "arithmetic"):
+        sep = separating_heads(model, case)
+        study.separating = sep
+        for r in sep.head(2).itertuples():
+            expect = 1 if r.kind == "concordance" else -1
+            want = "positive" if expect > 0 else "negative"
+            head_is = (f"L{r.layer}H{r.head} is a {r.kind} head (attention true "
+                       f"{r.attn_true:.2f} vs false {r.attn_false:.2f})")  # fmt: skip
+            if r.qk_skew * expect < SKEW_CLEAR:
+                study.notes.append(
+                    f"{head_is} but its W_QK skew is {r.qk_skew:+.2f}, not clearly {want} "
+                    f"(|skew| >= {SKEW_CLEAR}); the paper saw {want} skew for such heads"
+                )
+            else:
+                study.notes.append(f"{head_is}; its W_QK skew is {r.qk_skew:+.2f}, {want} as "
+                                   "the paper saw for such heads")  # fmt: skip
+    if case == "induction":
+        rl, rh, attn = name_head(model)
+        study.recency = recency_split(model, rl, rh)
+        share = study.recency.positional_share
+        study.notes.append(
+            f"recency: at L{rl}H{rh}, the head that attends most from the final title to the two "
+            f"names ({attn:.2f} of its attention on them), {share:.0%} of the preference for the "
+            "more recent name is positional (the part that survives swapping the two names)"
+        )
+    return study
