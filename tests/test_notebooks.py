@@ -31,6 +31,11 @@ def test_notebook_runs(path, tmp_path):
         if o.output_type == "error"
     ]
     assert not errors
+    if path.name.startswith("02"):  # the casebook: the graph view and the explorer inline
+        html = [o["data"].get("text/html", "") for c in nb.cells if c.cell_type == "code"
+                for o in c.get("outputs", []) if "data" in o]  # fmt: skip
+        assert any('class="qkg"' in h and "application/json" in h for h in html)
+        assert any('class="qkx"' in h and "application/json" in h for h in html)
 
 
 def test_online_notebook_shows_the_explorer_inline(tmp_path):
