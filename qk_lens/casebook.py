@@ -427,14 +427,17 @@ def _two_name_items(n: int, seed: int) -> list[tuple[Item, int, int]]:
 def name_head(model: Any, n: int = 20, seed: int = 999) -> tuple[int, int, float]:
     """(layer, head, attention): the head with the most attention from the final title to the
     two names under it, on ``n`` held-out stories."""
-    total = None
-    for item, recent, older in _two_name_items(n, seed):
+    items = _two_name_items(check_count("n", n), seed)
+    if not items:
+        raise ValueError("no held-out induction prompt has two names under the final title")
+    total = 0
+    for item, recent, older in items:
         cap = model.qk_capture(item.prompt)
         q = cap.n_tokens - 1
         att = torch.stack([cap.pattern(layer)[:, q, [recent, older]].sum(-1)
                            for layer in range(model.cfg.n_layers)]).double()  # fmt: skip
-        total = att if total is None else total + att
-    mean = total / n
+        total = total + att
+    mean = total / len(items)
     layer, head = divmod(int(mean.argmax()), mean.shape[1])
     return layer, head, float(mean[layer, head])
 
@@ -489,7 +492,11 @@ def run_case(
     n_flip = check_count("n_flip", n_flip)
     if model.qk_transcoders is None:
         raise ValueError("the casebook needs the model's transcoders (toy.load('casebook'))")
-    item = _choose_item(model, case, seed) if item is None else item
+    if item is None:
+        item = _choose_item(model, case, seed)
+    elif not isinstance(item, Item) or item.case != case:
+        got = item.case if isinstance(item, Item) else type(item).__name__
+        raise ValueError(f"item must be a {case!r} Item (held_out_items({case!r}, n)), got {got!r}")
     prompt = item.prompt
     tokens = model.to_tokens(prompt)
     str_tokens = list(model.to_str_tokens(prompt))

@@ -45,6 +45,7 @@ __all__ = [
     "TranscoderSplit",
     "Transcoders",
     "load_transcoders",
+    "topk_activation",
 ]
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -72,6 +73,13 @@ def _point(hook: str, table: Mapping[str, str], what: str) -> str:
             f"{sorted(table)} (relative to blocks.L.)"
         )
     return table[hook]
+
+
+def topk_activation(pre: Float[Tensor, "n d_tc"], k: int) -> Float[Tensor, "n d_tc"]:
+    """TopK: each row's ``k`` largest pre-activations kept as they are, the rest 0 (differentiable,
+    so the transcoders trained here use it too)."""
+    idx = pre.topk(k, dim=-1).indices
+    return pre * torch.zeros_like(pre).scatter_(-1, idx, 1.0)
 
 
 @dataclass(eq=False)
@@ -247,8 +255,7 @@ class Transcoders:
             if self.activation == "jumprelu":
                 th = self.threshold[layer].to(pre.dtype)
                 return pre * (pre > th)  # circuit-tracer's JumpReLU (no ReLU before the gate)
-            idx = pre.topk(self.k, dim=-1).indices
-            return pre * torch.zeros_like(pre).scatter_(-1, idx, 1.0)
+            return topk_activation(pre, self.k)
 
     # ------------------------------------------------------------------ model
     def check_model(self, model: Any) -> ModelArch:

@@ -232,24 +232,42 @@ def query_marginal_table(
     _, cap, qk, qb, kb = setup(model, prompt, layer, None, None, basis)
     T = cap.n_tokens
     positions = torch.arange(T)
-    pairs = table[["head", "q_pos", "k_pos"]].drop_duplicates()
-    H = torch.tensor(heads)
-    q_side = project_side(model, qk, "query", qb, positions, H)
-    k_side = project_side(model, qk, "key", kb, positions, H)
+    pairs = table[["head", "q_pos", "k_pos"]].drop_duplicates().sort_values(["head", "q_pos"])
+    q_side = project_side(model, qk, "query", qb, positions, torch.tensor(heads))
+    k_side = project_side(model, qk, "key", kb, positions, torch.tensor(heads))
     K_sum = k_side.vectors.sum(2)  # [h, T, d]: each key whole
-    meta = q_side.meta
     hidx = {h: i for i, h in enumerate(heads)}
-    out = []
-    for (h, q), g in pairs.groupby(["head", "q_pos"], sort=True):
-        i, ks = hidx[int(h)], torch.tensor(g["k_pos"].to_numpy(), dtype=torch.long)
-        slots = q_side.valid[int(q)].nonzero().squeeze(-1)
-        rows = np.arange(q_side.rows_of(int(q)).start, q_side.rows_of(int(q)).stop)
-        m = einsum(q_side.vectors[i, int(q), slots], K_sum[i, ks], "a d, k d -> a k")
-        m = m.to(torch.float64)
-        keep = m.abs().amax(1).argsort(descending=True)[:top_m]
-        for order, a in enumerate(keep.tolist()):
-            r = int(rows[a])
-            for j, k in enumerate(ks.tolist()):
-                out.append((int(h), int(q), k, a, order, meta["kind"][r], meta["label"][r],
-                            int(meta["feature"][r]), float(m[a, j])))  # fmt: skip
-    return pd.DataFrame(out, columns=cols)
+    hh = torch.tensor([hidx[int(h)] for h in pairs["head"]], dtype=torch.long)
+    qq = torch.tensor(pairs["q_pos"].to_numpy(), dtype=torch.long)
+    kk = torch.tensor(pairs["k_pos"].to_numpy(), dtype=torch.long)
+    # q_a · k of every query part a of every pair, a chunk of pairs at a time (bounded memory)
+    m = torch.cat([
+        einsum(q_side.vectors[hh[c], qq[c]], K_sum[hh[c], kk[c]], "p a d, p d -> p a")
+        for c in torch.arange(len(pairs)).split(4096)
+    ]).to(torch.float64)  # fmt: skip
+    valid = q_side.valid[qq]  # [pair, slot]: padding slots are no part
+    # each (head, q) row keeps the parts with the largest |q_a · k| over its keys
+    row_key = hh * T + qq
+    _, row = torch.unique(row_key, return_inverse=True)
+    size = m.abs().masked_fill(~valid, -1.0)
+    best = torch.full((int(row.max()) + 1, size.shape[1]), -1.0, dtype=size.dtype)
+    best = best.scatter_reduce(0, row[:, None].expand_as(size), size, "amax")
+    top = best.topk(min(top_m, size.shape[1]), dim=1)
+    slot = top.indices[row]  # [pair, m]
+    keep = (top.values[row] >= 0).numpy()  # rows with fewer parts than m
+    meta_row = torch.full(q_side.valid.shape, -1, dtype=torch.long)
+    meta_row[q_side.valid] = torch.arange(int(q_side.valid.sum()))
+    r = meta_row[qq[:, None], slot].numpy()[keep]
+    n_m = slot.shape[1]
+    meta = q_side.meta
+    return pd.DataFrame({
+        "head": np.repeat(pairs["head"].to_numpy(), n_m).reshape(-1, n_m)[keep],
+        "q_pos": np.repeat(qq.numpy(), n_m).reshape(-1, n_m)[keep],
+        "k_pos": np.repeat(kk.numpy(), n_m).reshape(-1, n_m)[keep],
+        "slot": slot.numpy()[keep],
+        "order": np.broadcast_to(np.arange(n_m), slot.shape)[keep],
+        "q_kind": np.asarray(meta["kind"])[r],
+        "q_label": np.asarray(meta["label"])[r],
+        "q_feature": np.asarray(meta["feature"]).astype(np.int64)[r],
+        "marginal": m.gather(1, slot).numpy()[keep],
+    }, columns=cols)  # fmt: skip

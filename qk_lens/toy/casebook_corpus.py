@@ -59,7 +59,6 @@ ANTONYMS = (
     ("strong", "weak"), ("old", "new"),
 )  # fmt: skip
 OPPOSITE = {a: b for a, b in ANTONYMS} | {b: a for a, b in ANTONYMS}
-# filled in below (needs _hash): (word, template) pairs held out of training
 
 CAPITALS = (
     ("paris", "france"), ("rome", "italy"), ("madrid", "spain"), ("berlin", "germany"),
@@ -324,7 +323,8 @@ class Grammar:
         r = self.rng
         # held-out checks are of the objects never checked in training (their colors are stated
         # in filler); half true, half false
-        objects = [i for i in range(len(COLORS)) if (i % 5 == 0) == self.held_out]
+        held = held_out_objects()
+        objects = [i for i, (o, _) in enumerate(COLORS) if (o in held) == self.held_out]
         i = r.choice(objects)
         obj, true = COLORS[i]
         color = true if r.random() < 0.5 else r.choice([c for c in COLOR_WORDS if c != true])

@@ -28,7 +28,7 @@ def build_tokenizer(
     0 and 1 are the specials, then ``words`` in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate((*SPECIALS, *words))}
+    vocab = token_ids(words)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
@@ -53,6 +53,11 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     if not (directory / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+def token_ids(words: tuple[str, ...] = WORDS) -> dict[str, int]:
+    """Every token's id: the specials first, then ``words`` in order."""
+    return {token: i for i, token in enumerate((*SPECIALS, *words))}
 
 
 def vocab_size(words: tuple[str, ...] = WORDS) -> int:

@@ -44,7 +44,7 @@ from qk_lens.labels import LabelSet
 from qk_lens.toy import TRANSCODER_DIR
 from qk_lens.toy.data import RepeatSpec, repeated_batch
 from qk_lens.toy.recipes import Recipe
-from qk_lens.toy.tokenizer import BOS, SPECIALS, WORDS, build_tokenizer
+from qk_lens.toy.tokenizer import BOS, SPECIALS, WORDS, build_tokenizer, token_ids
 
 MODELS_DIR = Path(__file__).parent / "models"
 # held-out data never shares a seed with training data
@@ -74,7 +74,7 @@ class Stream:
             from qk_lens.toy.casebook_corpus import Grammar
 
             self.grammar = Grammar(seed, held_out=held_out)
-            self.ids = {w: i + len(SPECIALS) for i, w in enumerate(recipe.words())}
+            self.ids = token_ids(recipe.words())
         elif recipe.corpus == "repeats":  # a caller's generator: its other draws interleave
             self.gen = generator if generator is not None else torch.Generator().manual_seed(seed)
         else:
@@ -259,7 +259,7 @@ def evaluate_model(model: HookedTransformer, n: int = 512, seed: int = EVAL_SEED
 
 def item_tokens(items: list[Any], words: tuple[str, ...]) -> tuple[Tensor, Tensor]:
     """Prompts of casebook items as one right-padded batch, and each prompt's last position."""
-    ids = {w: i + len(SPECIALS) for i, w in enumerate(words)}
+    ids = token_ids(words)
     rows = [[BOS_ID] + [ids[w] for w in it.words[:-1]] for it in items]
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), BOS_ID, dtype=torch.long)
@@ -274,7 +274,7 @@ def evaluate_cases(model: Any, recipe: Recipe, n: int = 500, seed: int = EVAL_SE
     padding is on the right, so causal attention never sees it)."""
     from qk_lens.toy.casebook_corpus import CASES, held_out_items
 
-    ids = {w: i + len(SPECIALS) for i, w in enumerate(recipe.words())}
+    ids = token_ids(recipe.words())
     out = {}
     for case in CASES:
         items = held_out_items(case, n, seed=seed)
@@ -396,20 +396,21 @@ def transcoder_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless shuffled batches of (MLP input, MLP output) at ``layer``, BOS positions left out
     (the transcoders zero them, as circuit-tracer does). The MLP input is the ``mlp_input``
-    point: ``ln2``'s output, gain and bias applied."""
+    point: ``ln2``'s output."""
     gen = torch.Generator().manual_seed(seed)
     stream = Stream(recipe, seed)
     n_seq = 16 * math.ceil(batch_tokens / recipe.n_ctx)
-    names = (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
-    ln2 = model.blocks[layer].ln2
+    names = (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out")
     while True:
         tokens, _ = stream.next(n_seq)
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
             )
-            x = (cache[names[0]] * ln2.w + ln2.b)[:, 1:].reshape(-1, model.cfg.d_model).float()
-            y = cache[names[1]][:, 1:].reshape(-1, model.cfg.d_model).float()
+            # the block's own norm module gives its MLP's input, whatever kind of norm it is
+            x = model.blocks[layer].ln2(cache[names[0]])[:, 1:].reshape(-1, model.cfg.d_model)
+            y = cache[names[1]][:, 1:].reshape(-1, model.cfg.d_model)
+            x, y = x.float(), y.float()
         order = torch.randperm(len(x), generator=gen)
         x, y = x[order], y[order]
         for start in range(0, len(x) - batch_tokens + 1, batch_tokens):
@@ -417,10 +418,9 @@ def transcoder_batches(
 
 
 def _topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> Tensor:
-    # the inference formula of qk_lens.transcoders (top-k pre-activations kept as they are)
-    pre = x @ W_enc + b_enc
-    idx = pre.topk(k, dim=-1).indices
-    return pre * torch.zeros_like(pre).scatter_(-1, idx, 1.0)
+    from qk_lens.transcoders import topk_activation  # the inference formula, so they agree
+
+    return topk_activation(x @ W_enc + b_enc, k)
 
 
 def train_transcoders(
@@ -514,14 +514,14 @@ def label_transcoders(
     from qk_lens.toy.tokenizer import SPECIALS
 
     tokens, roles, names = probe_tokens(recipe, n_sequences)
-    hooks = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(tc.n_layers)]
+    hooks = [f"blocks.{layer}.hook_resid_mid" for layer in range(tc.n_layers)]
     prev = torch.cat([torch.full_like(tokens[:, :1], -1), tokens[:, :-1]], dim=1)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     token_names = [*SPECIALS, *recipe.words()]
     out = {}
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
-        xs = [cache[h] * model.blocks[i].ln2.w + model.blocks[i].ln2.b for i, h in enumerate(hooks)]
+        xs = [model.blocks[i].ln2(cache[h]) for i, h in enumerate(hooks)]  # each MLP's input
     for layer, x in enumerate(xs):
         acts = tc.encode(layer, x.reshape(-1, model.cfg.d_model)).reshape(*tokens.shape, -1)
         acts[:, : tc.zero_positions] = 0  # inactive at BOS, as in the split
