@@ -18,7 +18,7 @@ import json
 import numbers
 import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from os import PathLike
 from pathlib import Path
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DESCRIPTION_KINDS",
     "ROLE",
+    "TOKEN_CLASS",
     "LABEL_KINDS",
     "FeatureLabel",
     "LabelSet",
@@ -51,7 +52,10 @@ __all__ = [
 DESCRIPTION_KINDS = ("current token", "previous token", "position")
 # a caller's own annotation of probe tokens (e.g. "antonyms: the word asked about"), tried last
 ROLE = "role"
-LABEL_KINDS = (*DESCRIPTION_KINDS, ROLE, "unclear", "dead")
+# a caller's classes of tokens (e.g. "antonym word": big, small, hot, ...), tried after roles:
+# a feature that fires on every word of a class is about the class, not about one of its words
+TOKEN_CLASS = "token class"
+LABEL_KINDS = (*DESCRIPTION_KINDS, ROLE, TOKEN_CLASS, "unclear", "dead")
 
 CRITERIA = ("precision", "f1")
 # Weight of recall when ranking by precision: only decides between (near-)equal precisions.
@@ -238,6 +242,34 @@ class _Candidates:
         return stats, self.values[idx]
 
 
+def _class_table(
+    token_classes: Any, token_names: Sequence[str]
+) -> tuple[list[str], Int[Tensor, " n_names"]]:
+    """(class names, each token id's class index or -1) from ``{class: [word, ...]}``."""
+    if not isinstance(token_classes, Mapping) or not token_classes:
+        raise TypeError(
+            "token_classes must be a non-empty dict {class name: [word, ...]}, got "
+            f"{token_classes!r}"
+        )
+    index = {str(name): i for i, name in enumerate(token_names)}
+    table = torch.full((len(token_names),), -1, dtype=torch.long)
+    names = []
+    for c, (name, words) in enumerate(token_classes.items()):
+        if isinstance(words, str) or not isinstance(words, Iterable):
+            raise TypeError(f"token_classes[{name!r}] must be a list of words, got {words!r}")
+        unknown = [w for w in words if w not in index]
+        if unknown:
+            raise ValueError(
+                f"token_classes[{name!r}] has words that are no token: {unknown[:5]} (tokens "
+                f"are token_names, e.g. {list(token_names)[:5]})"
+            )
+        ids = torch.tensor([index[w] for w in words], dtype=torch.long)
+        free = table[ids] < 0  # a word in several classes belongs to the first
+        table[ids[free]] = c
+        names.append(str(name))
+    return names, table
+
+
 def _check_ids(name: str, t: Any, n_tok: int, low: int) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -261,6 +293,7 @@ def label_features(
     criterion: str = "precision",
     roles: Int[Tensor, " n_tok"] | None = None,
     role_names: Sequence[str] | None = None,
+    token_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> LabelSet:
     """Label every feature by its best-scoring description on the probe tokens.
 
@@ -279,9 +312,16 @@ def label_features(
     ``roles`` (with ``role_names``) annotates probe tokens with what they are in their text
     (an index into ``role_names``, -1 for none): the description ``role = <name>`` then competes
     too (``kinds`` defaults to :data:`DESCRIPTION_KINDS`, plus ``"role"`` when roles are given).
+
+    ``token_classes`` maps a class name to its words (``{"antonym word": ["big", "small", ...]}``,
+    matched against ``token_names``; a word in several classes belongs to the first): the
+    description ``token class = <name>`` then competes too, after the roles.
     """
+    optional = ((ROLE,) if roles is not None else ()) + (
+        (TOKEN_CLASS,) if token_classes is not None else ()
+    )
     if kinds is None:
-        kinds = (*DESCRIPTION_KINDS, ROLE) if roles is not None else DESCRIPTION_KINDS
+        kinds = (*DESCRIPTION_KINDS, *optional)
     if not isinstance(acts, Tensor):
         raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}")
     if acts.ndim != 2:
@@ -298,11 +338,12 @@ def label_features(
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = tuple(kinds)
-    allowed = (*DESCRIPTION_KINDS, ROLE) if roles is not None else DESCRIPTION_KINDS
+    allowed = (*DESCRIPTION_KINDS, *optional)
     if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(allowed):
         raise ValueError(
             f"kinds must be distinct names from {allowed}, got {list(kinds)}"
             + ("" if roles is not None else " ('role' needs roles=)")
+            + ("" if token_classes is not None else " ('token class' needs token_classes=)")
         )
     if roles is not None:
         roles = _check_ids("roles", roles, n_tok, -1).to(device)
@@ -333,6 +374,11 @@ def label_features(
     }
     if roles is not None:
         per_token[ROLE] = (roles, roles >= 0)
+    class_names: list[str] = []
+    if token_classes is not None:
+        class_names, class_of_token = _class_table(token_classes, token_names)
+        classes = class_of_token.to(device)[tokens]
+        per_token[TOKEN_CLASS] = (classes, classes >= 0)
     cands = [_Candidates.build(k, *per_token[k]) for k in kinds]
 
     score = np.zeros(d_sae)
@@ -374,6 +420,8 @@ def label_features(
             continue
         if kind == ROLE:
             v: str | int = role_names[value[f]]
+        elif kind == TOKEN_CLASS:
+            v = class_names[value[f]]
         elif kind == "position":
             v = int(value[f])
         else:
@@ -392,9 +440,11 @@ def label_dictionary(
     criterion: str = "precision",
     roles: Int[Tensor, "batch seq"] | None = None,
     role_names: Sequence[str] | None = None,
+    token_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> LabelSet:
     """Label ``dictionary``'s features from its activations on the probe ``tokens``
-    (``roles``: each probe token's role, as in :func:`label_features`).
+    (``roles``: each probe token's role; ``token_classes``: classes of words; as in
+    :func:`label_features`).
 
     Runs ``model`` (a TransformerLens model) on ``tokens`` in batches, encodes the activations at
     ``dictionary.hook_name`` with the SAE and calls :func:`label_features`. Token names come from
@@ -440,6 +490,7 @@ def label_dictionary(
         criterion=criterion,
         roles=None if roles is None else _check_roles(roles, tokens).reshape(-1),
         role_names=role_names,
+        token_classes=token_classes,
     )
 
 

@@ -614,3 +614,37 @@ def test_role_labels_save_and_load(tmp_path):
     assert ls[0].label == "role = two"
     back = LabelSet.load(ls.save(tmp_path / "labels.json"))
     assert back[0] == ls[0]
+
+
+def test_token_class_labels():
+    """Classes of words compete as ``token class = <name>``: a feature spread over a class's
+    words gets the class (no single token holds half its mass); a word in two classes counts for
+    the first; one-token features keep their token labels."""
+    tokens, prev, pos = probe()
+    n = len(tokens)
+    g = torch.Generator().manual_seed(5)
+    classes = {"low": ["t0", "t1", "t2", "t3"], "high": ["t3", "t4", "t5"]}
+    acts = torch.zeros(n, 4, dtype=torch.float64)
+    in_low = torch.isin(tokens, torch.tensor([0, 1, 2, 3]))
+    acts[:, 0] = in_low.double() * (1 + torch.rand(n, generator=g, dtype=torch.float64))
+    acts[:, 1] = (tokens == 5).double()
+    # t3 belongs to "low" first: a feature on t3, t4, t5 evenly has 2/3 of its mass on "high"
+    acts[:, 2] = torch.isin(tokens, torch.tensor([3, 4, 5])).double()
+    acts[:, 3] = 0.0  # dead
+    ls = label_features(acts, tokens, prev, pos, NAMES, token_classes=classes)
+    assert ls[0].label == "token class = low" and ls[0].kind == "token class"
+    assert ls[0].precision == pytest.approx(1.0) and ls[0].recall == pytest.approx(1.0)
+    assert ls[1].label == "current token = t5"
+    on_3, on_45 = float(acts[tokens == 3, 2].sum()), float(acts[tokens != 3, 2].sum())
+    assert ls[2].label == "token class = high"
+    assert ls[2].precision == pytest.approx(on_45 / (on_3 + on_45))
+    assert ls[3].label == "dead"
+    # the class kind is refused by name without classes; classes must name tokens
+    with pytest.raises(ValueError, match="'token class' needs token_classes="):
+        label_features(acts, tokens, prev, pos, NAMES, kinds=["token class"])
+    with pytest.raises(ValueError, match=r"token_classes\['low'\] has words that are no token"):
+        label_features(acts, tokens, prev, pos, NAMES, token_classes={"low": ["t0", "zzz"]})
+    with pytest.raises(TypeError, match="must be a list of words"):
+        label_features(acts, tokens, prev, pos, NAMES, token_classes={"low": "t0"})
+    with pytest.raises(TypeError, match="token_classes must be a non-empty dict"):
+        label_features(acts, tokens, prev, pos, NAMES, token_classes={})
