@@ -263,6 +263,22 @@ def test_training_forward_is_the_model_forward(name):
         ours = training_logits(model, batch.tokens)
         theirs = model(batch.tokens)
     assert (ours - theirs).abs().max() < 1e-10
+    # with gradients on several threads the embedding is a one-hot product (a fixed summation
+    # order): the same logits, and the same gradients as autograd through the model's forward
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ours = training_logits(model, batch.tokens)
+        ours.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        theirs = model(batch.tokens)
+        theirs.square().mean().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert (ours - theirs).abs().max() < 1e-10
+    for n, p in model.named_parameters():
+        assert (grads[n] - p.grad).abs().max() < 1e-10, n
 
 
 def test_repeat_data_is_unambiguous():

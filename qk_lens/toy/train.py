@@ -142,7 +142,12 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
     if arch.positional not in ("standard", "rotary"):
         raise ValueError(f"unsupported positional embedding {arch.positional!r}")
     batch, seq = tokens.shape
-    x = model.embed.W_E[tokens]
+    if torch.get_num_threads() > 1 and torch.is_grad_enabled():
+        # a one-hot product: its backward sums in a fixed order on any thread count, where the
+        # gather's (an accumulating index_put) sums in thread order; the same values forward
+        x = F.one_hot(tokens, model.cfg.d_vocab).to(model.embed.W_E.dtype) @ model.embed.W_E
+    else:  # one thread is deterministic as it is (the attn2 recipes' weights were built so)
+        x = model.embed.W_E[tokens]
     if arch.positional == "standard":
         x = x + model.pos_embed.W_pos[:seq]
     for block in model.blocks:
@@ -384,6 +389,10 @@ def train_saes(
         trained = trainer.fit()
         path = directory / "saes" / hook
         trained.save_inference_model(path)
+        # SAELens writes cfg.json's keys in set order, which varies between processes: sorted,
+        # a rebuild is the same file byte for byte
+        cfg_path = path / "cfg.json"
+        cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()), sort_keys=True))
         inference = SAE.load_from_disk(str(path))
         held_out = activation_batches(model, hook, r.batch_tokens, EVAL_SEED + layer, recipe)
         figures[hook] = evaluate_sae(inference, held_out)
@@ -495,13 +504,25 @@ def probe_tokens(
     return stream.next(n_sequences)[0], None, None
 
 
+def token_classes(recipe: Recipe) -> dict[str, tuple[str, ...]] | None:
+    """The corpus's classes of words for labels (the casebook's; None for random words)."""
+    if recipe.corpus != "casebook":
+        return None
+    from qk_lens.toy.casebook_corpus import WORD_CLASSES
+
+    return WORD_CLASSES
+
+
 def label_saes(model: Any, recipe: Recipe, n_sequences: int = 512) -> dict[str, LabelSet]:
     """Labels for every dictionary of an attached model, from held-out probe sequences."""
     from qk_lens.labels import label_dictionary
 
     tokens, roles, names = probe_tokens(recipe, n_sequences)
+    classes = token_classes(recipe)
     return {
-        d.hook_name: label_dictionary(model, d, tokens, roles=roles, role_names=names)
+        d.hook_name: label_dictionary(
+            model, d, tokens, roles=roles, role_names=names, token_classes=classes
+        )
         for d in model.qk_dictionaries.values()
     }
 
@@ -529,6 +550,7 @@ def label_transcoders(
             acts.reshape(-1, acts.shape[-1]), tokens.reshape(-1), prev.reshape(-1),
             positions.reshape(-1), token_names,
             roles=None if roles is None else roles.reshape(-1), role_names=names,
+            token_classes=token_classes(recipe),
         )  # fmt: skip
     return out
 
