@@ -42,10 +42,13 @@ from qk_lens.toy.casebook_corpus import CASES, WORD_CLASSES, Item, held_out_item
 from qk_lens.views import Report, bar_list, pattern_heatmap, table
 
 __all__ = [
+    "CARRY_SHARE",
     "CASES",
     "CaseStudy",
+    "NothingToSteer",
     "RecencySplit",
     "Trace",
+    "carrying_heads",
     "evidence_positions",
     "flip_rate",
     "name_head",
@@ -65,6 +68,11 @@ ATTENTION_MIN = 0.3  # a head that carries the edge attends at least this much t
 N_FLIP = 50
 # a W_QK skew counts as clearly signed from here (random heads spread about 0.1: qk_lens.atlas)
 SKEW_CLEAR = 0.2
+
+
+class NothingToSteer(ValueError):
+    """A prompt whose graph has no edge across positions that heads carry toward the answer, or
+    whose top head has no query × key feature pair to steer."""
 
 
 def _source(item: Item) -> int:
@@ -346,33 +354,37 @@ def _cross_edge(graph: Any, loadings: Any) -> int:
     reach = (nodes["influence"].to_numpy() + nodes["weight"].to_numpy())[tgt]
     score = carried / np.maximum(into[tgt], 1e-12) * reach
     cross = ed["source_pos"].to_numpy() < ed["target_pos"].to_numpy()
-    if not cross.any():
-        raise ValueError("the graph has no edge across positions")
-    return int(np.where(cross, score, -1.0).argmax())
+    ok = cross & np.isfinite(score) & (score > 0)
+    if not ok.any():
+        raise NothingToSteer(
+            f"no edge across positions with a head-carried part and a reach to the answer "
+            f"({int(cross.sum())} edges across positions, none with a finite positive score)"
+        )
+    return int(np.where(ok, score, -1.0).argmax())
 
 
 def _top_pair(attr: Any) -> dict[str, Any]:
     """The largest positive feature × feature term whose key feature raises the score in all
     (its key marginal q · k_b is positive): scaling that feature down then lowers attention to
     the key, where a feature whose other terms outweigh the pair's would raise it."""
-    marginal = attr.terms.sum(0).double().numpy()
-    raising = attr.key_meta["feature"][(attr.key_meta["kind"] == "feature") & (marginal > 0)]
-    top = attr.top(64, sign="pos")
-    ff = top[(top["q_kind"] == "feature") & (top["k_kind"] == "feature")
-             & top["k_feature"].isin(raising)]  # fmt: skip
-    if ff.empty:
-        raise ValueError(
+    terms = attr.terms.double()
+    rows = torch.as_tensor(attr.query_meta["kind"] == "feature")
+    cols = torch.as_tensor(attr.key_meta["kind"] == "feature") & (terms.sum(0) > 0)
+    masked = torch.where(rows[:, None] & cols[None, :], terms, torch.zeros_like(terms))
+    if not bool((masked > 0).any()):
+        raise NothingToSteer(
             f"no positive feature × feature term whose key feature raises the score at "
             f"L{attr.layer}H{attr.head} (q={attr.q_pos}, k={attr.k_pos})"
         )
-    r = ff.iloc[0]
+    i, j = divmod(int(masked.argmax()), masked.shape[1])
+    score = attr.score
     return {
-        "q_feature": int(r["q_feature"]),
-        "k_feature": int(r["k_feature"]),
-        "q_label": str(r["q_label"]),
-        "k_label": str(r["k_label"]),
-        "term": float(r["term"]),
-        "share": float(r["share"]),
+        "q_feature": int(attr.query_meta["feature"][i]),
+        "k_feature": int(attr.key_meta["feature"][j]),
+        "q_label": str(attr.query_meta["label"][i]),
+        "k_label": str(attr.key_meta["label"][j]),
+        "term": float(terms[i, j]),
+        "share": float(terms[i, j]) / score if score != 0 else float("nan"),
     }
 
 
@@ -387,6 +399,8 @@ def carrying_heads(loadings: np.ndarray, top: int) -> list[int]:
     """The heads of one layer that carry an edge with the top head: those with its sign, largest
     first, until they hold ``CARRY_SHARE`` of that sign's loading in the layer."""
     sign = np.sign(loadings[top])
+    if not np.isfinite(loadings).all() or sign == 0:
+        raise NothingToSteer(f"head {top} carries none of the edge (loadings {loadings})")
     same = np.where(np.sign(loadings) == sign)[0]
     order = same[np.argsort(-np.abs(loadings[same]), kind="stable")]
     total = float(np.abs(loadings[same]).sum())
@@ -438,7 +452,7 @@ def flip_rate(
         row: dict[str, Any] = {"prompt": item.prompt, "answer": item.answer}
         try:
             t = trace(model, item)
-        except ValueError as err:  # nothing to steer: counted, and not flipped
+        except NothingToSteer as err:  # counted, and not flipped
             top = _top_token(model, item.prompt)
             rows.append({**row, "answered": top == item.answer, "before": top, "after": top,
                          "flipped": False, "layer": -1, "head": -1, "steer_heads": "",

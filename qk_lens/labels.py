@@ -52,8 +52,8 @@ __all__ = [
 DESCRIPTION_KINDS = ("current token", "previous token", "position")
 # a caller's own annotation of probe tokens (e.g. "antonyms: the word asked about"), tried last
 ROLE = "role"
-# a caller's classes of tokens (e.g. "antonym word": big, small, hot, ...), tried after roles:
-# a feature that fires on every word of a class is about the class, not about one of its words
+# a caller's classes of tokens (e.g. "antonym word": big, small, hot, ...): for a feature spread
+# over a class's words that no single word, position or role describes
 TOKEN_CLASS = "token class"
 LABEL_KINDS = (*DESCRIPTION_KINDS, ROLE, TOKEN_CLASS, "unclear", "dead")
 
@@ -257,6 +257,9 @@ def _class_table(
     for c, (name, words) in enumerate(token_classes.items()):
         if isinstance(words, str) or not isinstance(words, Iterable):
             raise TypeError(f"token_classes[{name!r}] must be a list of words, got {words!r}")
+        words = list(words)
+        if not words:
+            raise ValueError(f"token_classes[{name!r}] is empty; give at least one word")
         unknown = [w for w in words if w not in index]
         if unknown:
             raise ValueError(
@@ -315,7 +318,9 @@ def label_features(
 
     ``token_classes`` maps a class name to its words (``{"antonym word": ["big", "small", ...]}``,
     matched against ``token_names``; a word in several classes belongs to the first): the
-    description ``token class = <name>`` then competes too, after the roles.
+    description ``token class = <name>`` then describes a feature that no other kind describes
+    (best score below ``min_score``: no single word, previous word, position or role holds
+    enough of it), where the class does.
     """
     optional = ((ROLE,) if roles is not None else ()) + (
         (TOKEN_CLASS,) if token_classes is not None else ()
@@ -380,6 +385,7 @@ def label_features(
         classes = class_of_token.to(device)[tokens]
         per_token[TOKEN_CLASS] = (classes, classes >= 0)
     cands = [_Candidates.build(k, *per_token[k]) for k in kinds]
+    class_kind = kinds.index(TOKEN_CLASS) if TOKEN_CLASS in kinds else None
 
     score = np.zeros(d_sae)
     precision = np.zeros(d_sae)
@@ -398,6 +404,13 @@ def label_features(
         per_kind = [c.best(mass, active, total, criterion) for c in cands]
         stats = torch.stack([s for s, _ in per_kind])  # [n_kinds, 4, block]
         values = torch.stack([v for _, v in per_kind])  # [n_kinds, block]
+        if class_kind is not None:
+            # a class describes a feature only where nothing narrower does: its precision is at
+            # least any of its words', so a feature mostly on one word would otherwise get it
+            others = torch.cat([stats[:class_kind, 0], stats[class_kind + 1 :, 0]])
+            narrower = (others.max(dim=0).values >= min_score) if len(others) else None
+            if narrower is not None:
+                stats[class_kind, 3] = torch.where(narrower, -1.0, stats[class_kind, 3])
         top = stats[:, 3].max(dim=0).values
         # First kind (in the caller's order) within rounding of the top rank.
         k = (stats[:, 3] >= top - _TIE_TOL).to(torch.int8).argmax(dim=0)

@@ -11,7 +11,7 @@ import torch
 
 from qk_lens import toy
 from qk_lens.casebook import FLIP_MIN, recency_split, run_case, separating_heads
-from qk_lens.toy.casebook_corpus import CASES, held_out_items
+from qk_lens.toy.casebook_corpus import CASES, LETTERS, held_out_items
 
 torch.set_num_threads(2)
 HOOKED = toy.hooked_transformer_available()
@@ -199,7 +199,7 @@ def test_separating_heads_read_the_patterns(study_model):
 
 
 def test_carrying_heads_hold_the_share():
-    from qk_lens.casebook import CARRY_SHARE, carrying_heads
+    from qk_lens.casebook import CARRY_SHARE, NothingToSteer, carrying_heads
 
     assert CARRY_SHARE == 0.9
     # same sign as the top head, largest first, until 90% of that sign's loading
@@ -207,6 +207,11 @@ def test_carrying_heads_hold_the_share():
     assert carrying_heads(np.array([0.5, 0.45, 0.05, 0.0]), 0) == [0, 1]
     assert carrying_heads(np.array([-0.2, 0.3, -0.7, 0.1]), 2) == [2, 0]
     assert carrying_heads(np.array([0.0, 1.0, 0.0, 0.0]), 1) == [1]
+    # a top head that carries nothing, or a NaN loading, is refused: nothing to steer
+    with pytest.raises(NothingToSteer, match="head 0 carries none of the edge"):
+        carrying_heads(np.array([0.0, 1.0, 0.0, 0.0]), 0)
+    with pytest.raises(NothingToSteer):
+        carrying_heads(np.array([np.nan, 1.0, 0.0, 0.0]), 1)
 
 
 def test_evidence_positions_follow_the_grammar():
@@ -216,12 +221,13 @@ def test_evidence_positions_follow_the_grammar():
         span = evidence_positions(item)
         words = ("<bos>", *item.words[:-1])
         assert words[span[0]] == item.words[item.marks["source"]]  # the right option's content
+        right = LETTERS.index(item.answer)
         if len(span) > 1:  # to the beginning of the next option's content: ( letter )
-            assert [words[p] for p in span[1:]] == ["(", words[span[2]], ")"]
+            assert [words[p] for p in span[1:]] == ["(", LETTERS[right + 1], ")"]
             options = sorted(p + 1 for key, p in item.marks.items() if key.startswith("option"))
             assert span[-1] + 1 in options  # the next option's content
         else:
-            assert words[span[0] + 1] == "answer"  # the last option
+            assert right == len(LETTERS) - 1 and words[span[0] + 1] == "answer"  # the last
     for case in ("induction", "antonyms", "correctness", "arithmetic"):
         item = held_out_items(case, 1)[0]
         assert evidence_positions(item) == [item.marks["source"] + 1]

@@ -617,20 +617,23 @@ def test_role_labels_save_and_load(tmp_path):
 
 
 def test_token_class_labels():
-    """Classes of words compete as ``token class = <name>``: a feature spread over a class's
-    words gets the class (no single token holds half its mass); a word in two classes counts for
-    the first; one-token features keep their token labels."""
+    """Classes of words describe features that nothing narrower does (``token class = <name>``):
+    a feature spread over a class's words gets the class (no single token holds half its mass);
+    a word in two classes counts for the first; a feature mostly on one word keeps that word."""
     tokens, prev, pos = probe()
     n = len(tokens)
     g = torch.Generator().manual_seed(5)
     classes = {"low": ["t0", "t1", "t2", "t3"], "high": ["t3", "t4", "t5"]}
-    acts = torch.zeros(n, 4, dtype=torch.float64)
+    acts = torch.zeros(n, 5, dtype=torch.float64)
     in_low = torch.isin(tokens, torch.tensor([0, 1, 2, 3]))
     acts[:, 0] = in_low.double() * (1 + torch.rand(n, generator=g, dtype=torch.float64))
     acts[:, 1] = (tokens == 5).double()
     # t3 belongs to "low" first: a feature on t3, t4, t5 evenly has 2/3 of its mass on "high"
     acts[:, 2] = torch.isin(tokens, torch.tensor([3, 4, 5])).double()
     acts[:, 3] = 0.0  # dead
+    # 95% of its mass on t0, 5% on t1: the class's precision is 1, but the word describes it
+    on_0, on_1 = (tokens == 0).double(), (tokens == 1).double()
+    acts[:, 4] = 0.95 * on_0 / on_0.sum() + 0.05 * on_1 / on_1.sum()
     ls = label_features(acts, tokens, prev, pos, NAMES, token_classes=classes)
     assert ls[0].label == "token class = low" and ls[0].kind == "token class"
     assert ls[0].precision == pytest.approx(1.0) and ls[0].recall == pytest.approx(1.0)
@@ -639,6 +642,10 @@ def test_token_class_labels():
     assert ls[2].label == "token class = high"
     assert ls[2].precision == pytest.approx(on_45 / (on_3 + on_45))
     assert ls[3].label == "dead"
+    assert ls[4].label == "current token = t0" and ls[4].precision == pytest.approx(0.95)
+    # without the classes the spread feature is unclear (its best word holds under half)
+    plain = label_features(acts, tokens, prev, pos, NAMES)
+    assert plain[0].label == "unclear" and plain[0].precision < 0.5
     # the class kind is refused by name without classes; classes must name tokens
     with pytest.raises(ValueError, match="'token class' needs token_classes="):
         label_features(acts, tokens, prev, pos, NAMES, kinds=["token class"])
@@ -648,3 +655,9 @@ def test_token_class_labels():
         label_features(acts, tokens, prev, pos, NAMES, token_classes={"low": "t0"})
     with pytest.raises(TypeError, match="token_classes must be a non-empty dict"):
         label_features(acts, tokens, prev, pos, NAMES, token_classes={})
+    with pytest.raises(ValueError, match=r"token_classes\['low'\] is empty"):
+        label_features(acts, tokens, prev, pos, NAMES, token_classes={"low": []})
+    # any iterable of words (a generator too) is read once, whole
+    gen = label_features(acts, tokens, prev, pos, NAMES,
+                         token_classes={"low": (f"t{i}" for i in range(4))})  # fmt: skip
+    assert gen[0].label == "token class = low"

@@ -143,8 +143,9 @@ def training_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) 
         raise ValueError(f"unsupported positional embedding {arch.positional!r}")
     batch, seq = tokens.shape
     if torch.get_num_threads() > 1 and torch.is_grad_enabled():
-        # a one-hot product: its backward sums in a fixed order on any thread count, where the
-        # gather's (an accumulating index_put) sums in thread order; the same values forward
+        # a one-hot product: its backward is a matrix product, the same from run to run at a
+        # given thread count, where the gather's (an accumulating index_put) sums in whatever
+        # order the threads finish; the same values forward
         x = F.one_hot(tokens, model.cfg.d_vocab).to(model.embed.W_E.dtype) @ model.embed.W_E
     else:  # one thread is deterministic as it is (the attn2 recipes' weights were built so)
         x = model.embed.W_E[tokens]
@@ -194,9 +195,9 @@ def train_model(
     """
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(recipe.threads)
-    # on several threads the embedding's backward (an accumulating index_put) sums in thread
-    # order: run to run the weights differ in the last bits unless deterministic kernels are on
-    # (one thread is deterministic as it is, and the attn2 recipes' weights were built so)
+    # On several threads training_logits embeds by a one-hot product (the gather's backward sums
+    # in thread order); deterministic kernels stay on as well, as the shipped casebook weights
+    # were trained (one thread is deterministic as it is: the attn2 recipes' weights)
     torch.use_deterministic_algorithms(deterministic or recipe.threads > 1)
     try:
         return _train_model(recipe, steps, progress)
