@@ -343,7 +343,8 @@ def test_row_collection(gpt2):
     stacked, mask = row.stacked_terms()
     assert torch.allclose((stacked * mask[:, None]).sum((1, 2)), row.scores.to(stacked.dtype))
     sub = model.qk_attribution(tokens, 1, 1, 6, [0, 6])
-    assert sub.k_positions == [0, 6] and sub[6].score == row[6].score
+    # the same key in a smaller batch: equal to float64 rounding
+    assert sub.k_positions == [0, 6] and sub[6].score == pytest.approx(row[6].score, rel=1e-12)
     assert len(row.summary()) == 7 and len(row.top(4)) == 4
 
 

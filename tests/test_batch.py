@@ -72,7 +72,9 @@ def same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
     got = got.sort_values(KEY, kind="stable").reset_index(drop=True)
     want = want.sort_values(KEY, kind="stable").reset_index(drop=True)
     assert len(got) == len(want) and not got.duplicated(KEY).any()
-    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=0, atol=0)
+    # float32 numbers computed in other batches (a resumed run) agree to a few units in their
+    # last place; keys, labels and counts are exact
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ configs

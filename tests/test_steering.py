@@ -117,7 +117,8 @@ def test_score_change_equals_scale_minus_one_times_marginal(name, side):
         untouched[:, :, pos] = 0
     else:
         untouched[:, pos, :] = 0
-    assert float(untouched.nan_to_num().abs().max()) == 0.0
+    # (the steered forward recomputes them in other matrix shapes: equal to float64 rounding)
+    assert float(untouched.nan_to_num().abs().max()) <= 1e-12
     if is_bridge_name(name):  # the clean scores are the bridge's own (its hook: after softcap)
         cache = hooks_of(model, tokens)
         final = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, heads]
@@ -209,10 +210,13 @@ def test_gqa_other_heads_and_values_untouched():
     steered = dict(seen[2:])
     s0, s1 = clean[names[0]][0], steered[names[0]][0]
     assert not torch.equal(s0[0], s1[0])  # head 0 moved
-    assert torch.equal(s0[1:], s1[1:])  # head 1 shares head 0's kv group: untouched
+    # head 1 shares head 0's kv group: untouched (to float64 rounding: other matrix shapes)
+    torch.testing.assert_close(s1[1:], s0[1:], rtol=0, atol=1e-12)
     # the steered run gives each query head its own copy of its group's values (same numbers)
     group = model.cfg.n_heads // model.cfg.n_key_value_heads
-    assert torch.equal(clean[names[1]].repeat_interleave(group, dim=2), steered[names[1]])
+    torch.testing.assert_close(
+        steered[names[1]], clean[names[1]].repeat_interleave(group, dim=2), rtol=0, atol=1e-12
+    )
     assert not model.cfg.ungroup_grouped_query_attention  # the switch is restored
     assert r.check() < 1e-12
 
