@@ -72,9 +72,10 @@ def same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
     got = got.sort_values(KEY, kind="stable").reset_index(drop=True)
     want = want.sort_values(KEY, kind="stable").reset_index(drop=True)
     assert len(got) == len(want) and not got.duplicated(KEY).any()
-    # float32 numbers computed in other batches (a resumed run) agree to a few units in their
-    # last place; keys, labels and counts are exact
-    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=1e-5, atol=1e-7)
+    # float32 numbers computed in other batches (a resumed run) agree to float32 rounding of
+    # sums whose terms reach ~20 (a score near 0 can differ by 5e-7); keys, labels and counts
+    # are exact
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ configs
