@@ -16,8 +16,9 @@ the grammar requires (docs/casebook.md):
 5. QK-only steering of that pair in those heads (the key feature scaled at the source, every
    other head's pattern frozen: the hydra control) flips the answer, on this prompt and on 50
    held-out prompts, each traced on its own (:func:`trace`: its own edge, heads and pair);
-6. correctness and arithmetic: the heads whose attention from "?" to the checked token
-   separates true from false statements, with their W_QK eigenvalue skew from the head atlas;
+6. correctness and arithmetic: the heads whose attention separates true from false statements,
+   with their W_QK eigenvalue skew from the head atlas, read at two places: from "?" to the
+   stated value, and (the paper's) from the stated value to the object or second operand;
 7. induction: when two names share the title, how much of the final title's preference for the
    more recent one is positional (:func:`recency_split`), at the head that attends most from the
    final title to the two names (:func:`name_head`).
@@ -165,26 +166,17 @@ class Trace:
 
 @dataclass
 class CaseStudy:
-    """One case on one prompt, step by step, with the checks; ``report()`` renders it."""
+    """One case on one prompt, step by step, with the checks; ``report()`` renders it. The
+    traced steps 2–4 are its :class:`Trace` (``trace``; ``graph``, ``layer``, ``pair``, … read
+    from it)."""
 
     case: str
     model_name: str
     item: Item
     str_tokens: list[str]
     prediction: str
-    graph: Any
-    loadings: Any
-    edge: int
-    edge_info: dict[str, Any]
-    heads: pd.DataFrame  # the edge's top heads
-    layer: int
-    head: int
-    steer_heads: list[int]
-    q_pos: int
-    k_pos: int
+    trace: Trace
     pattern: np.ndarray  # the top head's pattern on the prompt
-    attribution: Any  # QKAttribution, the layer's SAE basis
-    pair: dict[str, Any]  # the top query × key feature pair
     steering: Any  # QKSteering with the hydra control
     steering_free: Any  # the same edit, other heads' patterns free
     flips: pd.DataFrame  # held-out prompts: before, after, flipped
@@ -192,6 +184,19 @@ class CaseStudy:
     notes: list[str] = field(default_factory=list)
     separating: pd.DataFrame | None = None  # correctness, arithmetic
     recency: RecencySplit | None = None  # induction
+
+    graph = property(lambda self: self.trace.graph)
+    loadings = property(lambda self: self.trace.loadings)
+    edge = property(lambda self: self.trace.edge)
+    edge_info = property(lambda self: self.trace.edge_info)
+    heads = property(lambda self: self.trace.heads)
+    layer = property(lambda self: self.trace.layer)
+    head = property(lambda self: self.trace.head)
+    steer_heads = property(lambda self: self.trace.steer_heads)
+    q_pos = property(lambda self: self.trace.q_pos)
+    k_pos = property(lambda self: self.trace.k_pos)
+    attribution = property(lambda self: self.trace.attribution)
+    pair = property(lambda self: self.trace.pair)
 
     @property
     def confirmed(self) -> bool:
@@ -243,12 +248,14 @@ class CaseStudy:
             f"needs >= {FLIP_MIN:.0%})",
         ]
         if self.separating is not None:
-            lines += ["", "heads whose attention from '?' separates true from false statements:"]
-            for r in self.separating.head(4).itertuples():
-                lines.append(
-                    f"  L{r.layer}H{r.head}  attention true {r.attn_true:.2f} / false "
-                    f"{r.attn_false:.2f}  ({r.kind})  W_QK skew {r.qk_skew:+.2f}"
-                )
+            for at, sep in self.separating.groupby("at", sort=False):
+                lines += ["", f"heads whose attention {_SEPARATING_WHERE[at]} separates true "
+                              "from false statements:"]  # fmt: skip
+                for r in sep.head(3).itertuples():
+                    lines.append(
+                        f"  L{r.layer}H{r.head}  attention true {r.attn_true:.2f} / false "
+                        f"{r.attn_false:.2f}  ({r.kind})  W_QK skew {r.qk_skew:+.2f}"
+                    )
         if self.recency is not None:
             lines += ["", "recency (two names, one title): " + self.recency.summary()]
         lines += ["", "checks:"]
@@ -302,7 +309,7 @@ class CaseStudy:
             table(self.flips, max_rows=60, caption="held-out prompts"),
         )
         if self.separating is not None:
-            rep.add("Heads that separate true from false", table(self.separating, max_rows=20))
+            rep.add("Heads that separate true from false", table(self.separating, max_rows=40))
         if self.recency is not None:
             rep.add(
                 "Recency: positional vs content",
@@ -473,17 +480,42 @@ def flip_rate(
     return pd.DataFrame(rows)
 
 
-def separating_heads(model: Any, case: str, n: int = 100, seed: int = 555) -> pd.DataFrame:
-    """Every head's mean attention from the final "?" to the checked token on true vs false
-    held-out statements, sorted by |difference|, with the head atlas's W_QK skew."""
+# where separating_heads reads attention: "final", from the "?" that the answer follows to the
+# stated value; "statement", the paper's, from the stated value to what it is checked against
+# (the object of a color check, the second operand of a sum)
+SEPARATING_AT = ("final", "statement")
+_SEPARATING_WHERE = {
+    "final": 'from "?" to the stated value',
+    "statement": "from the stated value to the object or second operand (the paper's)",
+}
+
+
+def _separating_positions(item: Item, at: str) -> tuple[int, int]:
+    """(query, key) prompt positions (BOS = 0) of ``separating_heads``'s view ``at``."""
+    checked = "object" if item.case == "correctness" else "operand"
+    if at == "final":
+        return len(item.words) - 1, _source(item)
+    return _source(item), item.marks[checked] + 1
+
+
+def separating_heads(
+    model: Any, case: str, n: int = 100, seed: int = 555, at: str = "final"
+) -> pd.DataFrame:
+    """Every head's mean attention on true vs false held-out statements, sorted by |difference|,
+    with the head atlas's W_QK skew. ``at``: ``"final"`` reads attention from the final "?" to
+    the stated value (where the answer is read); ``"statement"`` from the stated value to the
+    object or the second operand (where the paper found its concordance and discordance
+    heads)."""
     if case not in ("correctness", "arithmetic"):
         raise ValueError(f"separating_heads is for correctness and arithmetic, not {case!r}")
+    if at not in SEPARATING_AT:
+        raise ValueError(f"at must be one of {SEPARATING_AT}, got {at!r}")
     items = held_out_items(case, n, seed=seed)
     sums: dict[bool, torch.Tensor] = {}
     counts = {True: 0, False: 0}
     for item in items:
         cap = model.qk_capture(item.prompt)
-        q, k = cap.n_tokens - 1, _source(item)
+        q, k = _separating_positions(item, at)
         att = torch.stack([cap.pattern(layer)[:, q, k] for layer in range(model.cfg.n_layers)])
         truth = item.answer == "yes"
         sums[truth] = sums.get(truth, 0) + att.double()
@@ -493,15 +525,15 @@ def separating_heads(model: Any, case: str, n: int = 100, seed: int = 555) -> pd
             f"separating_heads needs true and false statements; {n} held-out {case} items "
             f"(seed {seed}) gave {counts[True]} true and {counts[False]} false: raise n"
         )
-    at, af = sums[True] / counts[True], sums[False] / counts[False]
+    mean_true, mean_false = sums[True] / counts[True], sums[False] / counts[False]
     skew = model.head_atlas(composition=False).frame.set_index(["layer", "head"])["qk_skew"]
     rows = []
     for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
-            d = float(at[layer, h] - af[layer, h])
+            d = float(mean_true[layer, h] - mean_false[layer, h])
             rows.append({
-                "layer": layer, "head": h, "attn_true": float(at[layer, h]),
-                "attn_false": float(af[layer, h]), "difference": d,
+                "at": at, "layer": layer, "head": h, "attn_true": float(mean_true[layer, h]),
+                "attn_false": float(mean_false[layer, h]), "difference": d,
                 "kind": "concordance" if d > 0 else "discordance",
                 "qk_skew": float(skew.loc[(layer, h)]),
             })  # fmt: skip
@@ -618,11 +650,8 @@ def run_case(
     s = steering.summary()
     study = CaseStudy(
         case=case, model_name=str(model.cfg.model_name), item=item, str_tokens=str_tokens,
-        prediction=prediction, graph=t.graph, loadings=t.loadings, edge=t.edge,
-        edge_info=t.edge_info, heads=t.heads, layer=layer, head=head,
-        steer_heads=t.steer_heads, q_pos=q, k_pos=k, pattern=pattern,
-        attribution=t.attribution, pair=pair, steering=steering, steering_free=steering_free,
-        flips=flips,
+        prediction=prediction, trace=t, pattern=pattern, steering=steering,
+        steering_free=steering_free, flips=flips,
     )  # fmt: skip
     rate = study.flip_rate
     where = ", ".join(f"{p} ({str_tokens[p]!r})" for p in want_k)
@@ -656,21 +685,23 @@ def run_case(
             "compensate when their patterns may change"
         )
     if case in ("correctness", "arithmetic"):
-        sep = separating_heads(model, case)
-        study.separating = sep
-        for r in sep.head(2).itertuples():
-            expect = 1 if r.kind == "concordance" else -1
-            want = "positive" if expect > 0 else "negative"
-            head_is = (f"L{r.layer}H{r.head} is a {r.kind} head (attention true "
-                       f"{r.attn_true:.2f} vs false {r.attn_false:.2f})")  # fmt: skip
-            if r.qk_skew * expect < SKEW_CLEAR:
-                study.notes.append(
-                    f"{head_is} but its W_QK skew is {r.qk_skew:+.2f}, not clearly {want} "
-                    f"(|skew| >= {SKEW_CLEAR}); the paper saw {want} skew for such heads"
-                )
-            else:
-                study.notes.append(f"{head_is}; its W_QK skew is {r.qk_skew:+.2f}, {want} as "
-                                   "the paper saw for such heads")  # fmt: skip
+        views = [separating_heads(model, case, at=at) for at in SEPARATING_AT]
+        study.separating = pd.concat(views, ignore_index=True)
+        for sep in views:
+            where = _SEPARATING_WHERE[sep["at"].iloc[0]]
+            for r in sep.head(2).itertuples():
+                expect = 1 if r.kind == "concordance" else -1
+                want = "positive" if expect > 0 else "negative"
+                head_is = (f"attention {where}: L{r.layer}H{r.head} is a {r.kind} head "
+                           f"(true {r.attn_true:.2f} vs false {r.attn_false:.2f})")  # fmt: skip
+                if r.qk_skew * expect < SKEW_CLEAR:
+                    study.notes.append(
+                        f"{head_is} but its W_QK skew is {r.qk_skew:+.2f}, not clearly {want} "
+                        f"(|skew| >= {SKEW_CLEAR}); the paper saw {want} skew for such heads"
+                    )
+                else:
+                    study.notes.append(f"{head_is}; its W_QK skew is {r.qk_skew:+.2f}, {want} "
+                                       "as the paper saw for such heads")  # fmt: skip
     if case == "induction":
         rl, rh, attn = name_head(model)
         study.recency = recency_split(model, rl, rh)

@@ -34,7 +34,7 @@ def study_model():
 # Held-out accuracy below the 95% on the shipped model (docs/casebook.md says why and
 # what the next recipe changes); strict, so a model that reaches it makes the test fail until
 # this set is emptied.
-BELOW_TARGET = {"induction", "correctness", "arithmetic"}
+BELOW_TARGET = {"arithmetic"}
 _ACCURACY: dict = {}
 
 
@@ -142,9 +142,9 @@ def test_case_study_runs_and_its_numbers_are_the_models(study_model, studies, ca
 
 
 # The bar: every check passes, steering flips >= 80% of 50 held-out answers. The shipped
-# model reaches it on antonyms only (docs/casebook.md §5); strict, so a model that reaches it on
-# another case makes the test fail until that case leaves this set.
-NOT_CONFIRMED = {"induction", "multiple-choice", "correctness", "arithmetic"}
+# model reaches it on no case (docs/casebook.md §5); strict, so a model that reaches it on a
+# case makes the test fail until that case leaves this set.
+NOT_CONFIRMED = set(CASES)
 
 
 @pytest.mark.parametrize(
@@ -181,21 +181,34 @@ def test_recency_split_sums_and_reads_the_model(study_model):
     assert abs(float(split.direct["delta"].sum()) - float(f["delta"].sum())) < 1e-3
 
 
-def test_separating_heads_read_the_patterns(study_model):
+@pytest.mark.parametrize(
+    "case, at, query, key",
+    [
+        ("correctness", "final", lambda it: len(it.words) - 1, lambda it: it.marks["source"] + 1),
+        # the paper's: from the stated color to the object, from the stated sum to the operand
+        ("correctness", "statement", lambda it: it.words.index("is") + 2, lambda it: 5),
+        ("arithmetic", "statement", lambda it: 5, lambda it: 3),
+    ],
+)
+def test_separating_heads_read_the_patterns(study_model, case, at, query, key):
     model = study_model
-    sep = separating_heads(model, "correctness", n=20)
+    sep = separating_heads(model, case, n=20, at=at)
     assert len(sep) == model.cfg.n_layers * model.cfg.n_heads
+    assert (sep["at"] == at).all()
     top = sep.iloc[0]
-    # recompute the top head's mean attention on the true statements from the hooks
-    items = [it for it in held_out_items("correctness", 20, seed=555) if it.answer == "yes"]
+    # recompute the top head's mean attention on the true statements from the hooks, at
+    # positions read off the words (BOS first: "the color of the OBJECT is COLOR ?", "A + B = C ?")
+    items = [it for it in held_out_items(case, 20, seed=555) if it.answer == "yes"]
     att = []
     for it in items:
         _, cache = model.run_with_cache(model.to_tokens(it.prompt))
         pat = cache[f"blocks.{int(top['layer'])}.attn.hook_pattern"][0, int(top["head"])]
-        att.append(float(pat[-1, it.marks["source"] + 1]))
+        att.append(float(pat[query(it), key(it)]))
     assert top["attn_true"] == pytest.approx(sum(att) / len(att), abs=1e-5)
     with pytest.raises(ValueError, match="correctness and arithmetic"):
         separating_heads(model, "antonyms")
+    with pytest.raises(ValueError, match="at must be one of"):
+        separating_heads(model, case, at="question")
 
 
 def test_carrying_heads_hold_the_share():

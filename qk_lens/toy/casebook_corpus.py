@@ -9,7 +9,7 @@ filler sentences that state the facts the cases test, so the model is not a look
 * ``antonyms``: "the opposite of small is" → "big", in three templates and after a filler
   sentence, over :data:`ANTONYMS` (both directions).
 * ``multiple-choice``: "question : which country is paris in ? ( a ) spain ( b ) france ( c )
-  italy answer : (" → "b", over :data:`CAPITALS` (the facts are stated in filler sentences).
+  italy answer" → "b", over :data:`CAPITALS` (the facts are stated in filler sentences).
 * ``correctness``: "the color of a banana is yellow ?" → "yes" ("... red ?" → "no"), over
   :data:`COLORS`.
 * ``arithmetic``: "7 + 8 = 15 ?" → "yes" / "no", operands 0–9 (numbers are tokens).
@@ -76,6 +76,11 @@ COLORS = (
     ("leaf", "green"), ("sea", "blue"), ("milk", "white"), ("crow", "black"),
     ("cherry", "red"), ("frog", "green"), ("cloud", "white"), ("bear", "brown"),
     ("pig", "pink"), ("chocolate", "brown"), ("corn", "yellow"), ("ink", "black"),
+    # every color has at least two objects checked in training, so a check of a held-out object
+    # can compare with its stated color (a first model had one brown object in training: every
+    # check of the held-out bear failed)
+    ("blueberry", "blue"), ("coffee", "brown"), ("mud", "brown"), ("flamingo", "pink"),
+    ("bubblegum", "pink"),
 )  # fmt: skip
 COLOR_WORDS = ("red", "yellow", "green", "blue", "white", "black", "brown", "pink")
 
@@ -232,10 +237,10 @@ class Grammar:
     # ---------------------------------------------------------------- cases
     def induction(self) -> Item:
         r = self.rng
-        n = r.choice((1, 2, 2, 3))
+        n = r.choice((1, 2, 2, 3, 3))
         names = r.sample(self.titled_names, n)
-        titles = [r.choice(TITLES) for _ in range(n)]
-        if n > 1 and r.random() < 0.5:  # same title twice: only recency decides
+        titles = r.sample(TITLES, n)
+        if n > 1 and r.random() < 0.2:  # same title twice: only recency decides
             titles[-1] = titles[r.randrange(n - 1)]
         words: list[str] = ["i", "always", "loved", "visiting"]
         marks: dict[str, int] = {}
@@ -256,7 +261,10 @@ class Grammar:
                                         ("gave", "me", "a", r.choice(_THINGS)),
                                         ("says", "hello"))))  # fmt: skip
             words += ["."]
-        target = r.randrange(n)
+        # the final title asks for an older name two times in three: the most recent name is
+        # then right in about half the stories with several names (a model trained with it
+        # right in three in four learned recency and not the title: 0/41 on older names)
+        target = r.randrange(n - 1) if n > 1 and r.random() < 2 / 3 else n - 1
         title = titles[target]
         last = max(j for j in range(n) if titles[j] == title)
         words += [*r.choice(_RECALLS), title]
@@ -338,7 +346,9 @@ class Grammar:
             marks[f"option{j}"] = len(words)
             words += [option]
         marks["source"] = marks[f"option{pos}"]
-        words += ["answer", ":", "("]
+        # one word between the options and the letter: the letter is found where it is said
+        # (with "answer : (" a first model gathered it at "answer" and copied it on)
+        words += ["answer"]
         return Item("multiple-choice", (*words, LETTERS[pos]), marks)
 
     def correctness(self) -> Item:
@@ -373,7 +383,9 @@ class Grammar:
             c = a + b + r.choice((-3, -2, -1, 1, 2, 3))
             c = c if 0 <= c < N_NUMBERS else a + b + 1
         words = [str(a), "+", str(b), "=", str(c), "?"]
-        return Item("arithmetic", (*words, "yes" if c == a + b else "no"), {"source": 4})
+        # "operand": the second operand, where the paper's sum checks attend from the sum
+        return Item("arithmetic", (*words, "yes" if c == a + b else "no"),
+                    {"source": 4, "operand": 2})  # fmt: skip
 
     def item(self, case: str) -> Item:
         if case not in CASES:
