@@ -48,6 +48,8 @@ __all__ = [
     "CaseStudy",
     "NothingToSteer",
     "RecencySplit",
+    "SEPARATING_AT",
+    "SEPARATION_MIN",
     "Trace",
     "carrying_heads",
     "evidence_positions",
@@ -56,6 +58,7 @@ __all__ = [
     "recency_split",
     "run_case",
     "separating_heads",
+    "separating_where",
     "trace",
 ]
 
@@ -249,8 +252,8 @@ class CaseStudy:
         ]
         if self.separating is not None:
             for at, sep in self.separating.groupby("at", sort=False):
-                lines += ["", f"heads whose attention {_SEPARATING_WHERE[at]} separates true "
-                              "from false statements:"]  # fmt: skip
+                lines += ["", f"heads whose attention {separating_where(self.case, at)} "
+                              "separates true from false statements:"]  # fmt: skip
                 for r in sep.head(3).itertuples():
                     lines.append(
                         f"  L{r.layer}H{r.head}  attention true {r.attn_true:.2f} / false "
@@ -484,10 +487,20 @@ def flip_rate(
 # stated value; "statement", the paper's, from the stated value to what it is checked against
 # (the object of a color check, the second operand of a sum)
 SEPARATING_AT = ("final", "statement")
-_SEPARATING_WHERE = {
-    "final": 'from "?" to the stated value',
-    "statement": "from the stated value to the object or second operand (the paper's)",
-}
+# a head is called a concordance or discordance head only when its mean attention on true and
+# on false statements differs by at least this much (five points of attention); below it the
+# study says that no head separates them there
+SEPARATION_MIN = 0.05
+
+
+def separating_where(case: str, at: str) -> str:
+    """Words for where ``separating_heads(model, case, at=at)`` reads attention."""
+    if at not in SEPARATING_AT:
+        raise ValueError(f"at must be one of {SEPARATING_AT}, got {at!r}")
+    if at == "final":
+        return 'from "?" to the stated value'
+    checked = "the object" if case == "correctness" else "the second operand"
+    return f"from the stated value to {checked} (where the paper looked)"
 
 
 def _separating_positions(item: Item, at: str) -> tuple[int, int]:
@@ -688,11 +701,21 @@ def run_case(
         views = [separating_heads(model, case, at=at) for at in SEPARATING_AT]
         study.separating = pd.concat(views, ignore_index=True)
         for sep in views:
-            where = _SEPARATING_WHERE[sep["at"].iloc[0]]
+            view = separating_where(case, sep["at"].iloc[0])
+            top = sep.iloc[0]
+            if abs(top["difference"]) < SEPARATION_MIN:
+                study.notes.append(
+                    f"attention {view}: no head separates true from false statements by "
+                    f"{SEPARATION_MIN} or more (largest: L{top['layer']}H{top['head']}, true "
+                    f"{top['attn_true']:.2f} vs false {top['attn_false']:.2f})"
+                )
+                continue
             for r in sep.head(2).itertuples():
+                if abs(r.difference) < SEPARATION_MIN:
+                    break
                 expect = 1 if r.kind == "concordance" else -1
                 want = "positive" if expect > 0 else "negative"
-                head_is = (f"attention {where}: L{r.layer}H{r.head} is a {r.kind} head "
+                head_is = (f"attention {view}: L{r.layer}H{r.head} is a {r.kind} head "
                            f"(true {r.attn_true:.2f} vs false {r.attn_false:.2f})")  # fmt: skip
                 if r.qk_skew * expect < SKEW_CLEAR:
                     study.notes.append(

@@ -163,7 +163,9 @@ def test_case_study_confirmed(studies, case):
 
 def test_recency_split_sums_and_reads_the_model(study_model):
     model = study_model
-    study_head = (1, 0)
+    from qk_lens.casebook import name_head
+
+    study_head = name_head(model, n=6)[:2]  # the head the study reports
     split = recency_split(model, *study_head, n=8)
     f = split.frame
     # Δ and Δ_swapped are the model's own score differences: read them from the hooks, on the
@@ -181,13 +183,16 @@ def test_recency_split_sums_and_reads_the_model(study_model):
     assert abs(float(split.direct["delta"].sum()) - float(f["delta"].sum())) < 1e-3
 
 
+# query and key positions read off the words (BOS first: "the color of the OBJECT is COLOR ?",
+# "A + B = C ?"): "final" from "?" to the word before it, "statement" from the stated value to
+# the object or the second operand
 @pytest.mark.parametrize(
     "case, at, query, key",
     [
-        ("correctness", "final", lambda it: len(it.words) - 1, lambda it: it.marks["source"] + 1),
-        # the paper's: from the stated color to the object, from the stated sum to the operand
-        ("correctness", "statement", lambda it: it.words.index("is") + 2, lambda it: 5),
-        ("arithmetic", "statement", lambda it: 5, lambda it: 3),
+        ("correctness", "final", lambda w: w.index("?") + 1, lambda w: w.index("?")),
+        ("arithmetic", "final", lambda w: w.index("?") + 1, lambda w: w.index("?")),
+        ("correctness", "statement", lambda w: w.index("is") + 2, lambda w: w.index("is")),
+        ("arithmetic", "statement", lambda w: w.index("=") + 2, lambda w: w.index("+") + 2),
     ],
 )
 def test_separating_heads_read_the_patterns(study_model, case, at, query, key):
@@ -197,18 +202,40 @@ def test_separating_heads_read_the_patterns(study_model, case, at, query, key):
     assert (sep["at"] == at).all()
     top = sep.iloc[0]
     # recompute the top head's mean attention on the true statements from the hooks, at
-    # positions read off the words (BOS first: "the color of the OBJECT is COLOR ?", "A + B = C ?")
     items = [it for it in held_out_items(case, 20, seed=555) if it.answer == "yes"]
     att = []
     for it in items:
         _, cache = model.run_with_cache(model.to_tokens(it.prompt))
         pat = cache[f"blocks.{int(top['layer'])}.attn.hook_pattern"][0, int(top["head"])]
-        att.append(float(pat[query(it), key(it)]))
+        att.append(float(pat[query(list(it.words)), key(list(it.words))]))
     assert top["attn_true"] == pytest.approx(sum(att) / len(att), abs=1e-5)
     with pytest.raises(ValueError, match="correctness and arithmetic"):
         separating_heads(model, "antonyms")
     with pytest.raises(ValueError, match="at must be one of"):
         separating_heads(model, case, at="question")
+
+
+def test_separating_notes_name_only_heads_that_separate(studies):
+    """The notes call a head concordance or discordance only where its attention differs by
+    SEPARATION_MIN or more, and say so where no head does."""
+    from qk_lens.casebook import SEPARATION_MIN, separating_where
+
+    for case in ("correctness", "arithmetic"):
+        study = studies[case]
+        for at, sep in study.separating.groupby("at"):
+            notes = [
+                n for n in study.notes if n.startswith(f"attention {separating_where(case, at)}")
+            ]
+            big = sep[sep["difference"].abs() >= SEPARATION_MIN]
+            if big.empty:
+                assert len(notes) == 1 and "no head separates" in notes[0], notes
+            else:
+                named = [
+                    f"L{r.layer}H{r.head} is a {r.kind} head" for r in big.head(2).itertuples()
+                ]
+                assert len(notes) == len(named) and all(
+                    n in note for n, note in zip(named, notes, strict=True)
+                ), notes
 
 
 def test_carrying_heads_hold_the_share():

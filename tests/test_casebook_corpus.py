@@ -90,8 +90,13 @@ def test_answers_follow_the_tables(case, held_out, training_items):
             assert it.words[-2] == "answer" and it.words[-3] in dict(CAPITALS).values()
         else:
             assert it.marks["source"] == len(it.words) - 3  # the color / sum before "?"
-            checked = "object" if case == "correctness" else "operand"
-            assert it.marks[checked] == (4 if case == "correctness" else 2)
+            w = it.words
+            if case == "correctness":  # "the color of the OBJECT is COLOR ?"
+                m = it.marks["object"]
+                assert w[m] in dict(COLORS) and w[m + 1] == "is"
+            else:  # "A + B = C ?"
+                m = it.marks["operand"]
+                assert w[m - 1] == "+" and w[m + 1] == "="
     if case in ("correctness", "arithmetic"):
         yes = sum(it.answer == "yes" for it in items) / len(items)
         assert 0.4 < yes < 0.6  # balanced, so "always no" is not 95%

@@ -5,7 +5,9 @@ filler sentences that state the facts the cases test, so the model is not a look
 
 * ``induction``: titled names recur; the answer is the name last seen with the final title
   ("i always loved visiting aunt sally . whenever i was feeling sad , aunt" → "sally"). Up to
-  three titled names per story, titles may repeat, so recency matters.
+  three titled names per story under distinct titles, except in one story in five where the
+  last title repeats an earlier one (then recency decides); the final title asks for an older
+  name in two stories in three with several names, so mostly the title, not recency, decides.
 * ``antonyms``: "the opposite of small is" → "big", in three templates and after a filler
   sentence, over :data:`ANTONYMS` (both directions).
 * ``multiple-choice``: "question : which country is paris in ? ( a ) spain ( b ) france ( c )
@@ -77,8 +79,8 @@ COLORS = (
     ("cherry", "red"), ("frog", "green"), ("cloud", "white"), ("bear", "brown"),
     ("pig", "pink"), ("chocolate", "brown"), ("corn", "yellow"), ("ink", "black"),
     # every color has at least two objects checked in training, so a check of a held-out object
-    # can compare with its stated color (a first model had one brown object in training: every
-    # check of the held-out bear failed)
+    # can compare with its stated color (the second model, docs/casebook.md §4, had one brown
+    # object in training: every true check of the held-out bear failed)
     ("blueberry", "blue"), ("coffee", "brown"), ("mud", "brown"), ("flamingo", "pink"),
     ("bubblegum", "pink"),
 )  # fmt: skip
@@ -237,6 +239,7 @@ class Grammar:
     # ---------------------------------------------------------------- cases
     def induction(self) -> Item:
         r = self.rng
+        # more stories with several names than one: only those need the title (one name in five)
         n = r.choice((1, 2, 2, 3, 3))
         names = r.sample(self.titled_names, n)
         titles = r.sample(TITLES, n)
@@ -262,8 +265,8 @@ class Grammar:
                                         ("says", "hello"))))  # fmt: skip
             words += ["."]
         # the final title asks for an older name two times in three: the most recent name is
-        # then right in about half the stories with several names (a model trained with it
-        # right in three in four learned recency and not the title: 0/41 on older names)
+        # then right in 43% of the stories with several names (the second model, trained where
+        # it was right in three in four, learned recency and not the title: 0/41 on older names)
         target = r.randrange(n - 1) if n > 1 and r.random() < 2 / 3 else n - 1
         title = titles[target]
         last = max(j for j in range(n) if titles[j] == title)
@@ -347,7 +350,7 @@ class Grammar:
             words += [option]
         marks["source"] = marks[f"option{pos}"]
         # one word between the options and the letter: the letter is found where it is said
-        # (with "answer : (" a first model gathered it at "answer" and copied it on)
+        # (with "answer : (" the second model gathered it at "answer" and copied it on)
         words += ["answer"]
         return Item("multiple-choice", (*words, LETTERS[pos]), marks)
 

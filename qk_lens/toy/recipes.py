@@ -137,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
             d_head=32,
             n_ctx=64,
             # 4,500 steps, and 1,000 for each dictionary: the whole recipe within 45 minutes on
-            # 2 cores (about 0.34 s a step here)
+            # 2 cores (0.31 s a step here)
             steps=4500,
             batch_size=64,
             lr=3e-3,
