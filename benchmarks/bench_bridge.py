@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.rounds < 2:  # the table ratio's quartiles need two rounds
+        ap.error(f"--rounds must be at least 2, got {args.rounds}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
