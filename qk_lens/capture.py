@@ -11,6 +11,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -200,7 +201,7 @@ class CaptureCache:
     @staticmethod
     def _structure_of(model: Any) -> tuple:
         blocks = getattr(model, "blocks", [])
-        return (id(model), *(id(m) for b in blocks for m in b._modules.values()))
+        return (id(model), *map(id, chain.from_iterable(b._modules.values() for b in blocks)))
 
     def _key(self, model: Any, tokens: Tensor) -> tuple:
         structure = self._structure_of(model)
@@ -210,7 +211,10 @@ class CaptureCache:
             self._items.clear()
         versions = tuple(map(operator.attrgetter("_version"), self._params))
         arch = arch_of(model)
-        return (tuple(tokens.tolist()), versions, arch.model_dtype, str(arch.device))
+        # the first parameter's device is the model's (what ModelArch.device reads, without
+        # walking the module tree on every call)
+        device = self._params[0].device if self._params else arch.device
+        return (tuple(tokens.tolist()), versions, arch.model_dtype, str(device))
 
     def get(
         self, model: Any, tokens: Tensor, pattern_layers: frozenset[int] | None = None

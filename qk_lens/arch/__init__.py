@@ -64,6 +64,10 @@ def supported(model: Any) -> bool:
 
 def arch_of(model: Any) -> ModelArch:
     """The model's :class:`ModelArch`, cached on the model (rebuilt if its dtype changes)."""
+    hit = model.__dict__.get(_CACHE_ATTR)
+    cfg = getattr(model, "cfg", None)
+    if hit is not None and hit[0] == (id(cfg), getattr(cfg, "dtype", None)):
+        return hit[1]  # only a recognized model is ever given a cached arch
     builders = [build for _, recognizes, build in ADAPTERS if recognizes(model)]
     if not builders:
         names = ", ".join(name for name, _, _ in ADAPTERS)

@@ -110,12 +110,13 @@ class FrozenNorm:
         return out
 
     def fold_read(
-        self, weight: Float[Tensor, "... d_model d_out"]
+        self, weight: Float[Tensor, "... d_model d_out"], centered_already: bool = False
     ) -> Float[Tensor, "... d_model d_out"]:
-        """``P diag(w) W``: what a map reading through this norm applies at unit scale."""
+        """``P diag(w) W``: what a map reading through this norm applies at unit scale
+        (``diag(w) W`` for inputs already centred)."""
         if self.kind in WEIGHTED_KINDS and self.weight is not None:
             weight = self.weight.to(weight.dtype)[:, None] * weight
-        if self.centers:
+        if self.centers and not centered_already:
             weight = weight - weight.mean(-2, keepdim=True)
         return weight
 

@@ -18,7 +18,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from qk_lens.arch.layer import LayerArch
-from qk_lens.arch.norms import linearize_norm
 
 if TYPE_CHECKING:
     from qk_lens.capture import Capture
@@ -46,6 +45,7 @@ class LayerQK:
         # per (side, heads), kept for the capture's later calls
         self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._biases: dict[tuple, Tensor] = {}
+        self._read: dict[tuple, Tensor] = {}
 
     # ----------------------------------------------------------------- masks and positions
     def key_allowed(
@@ -91,7 +91,7 @@ class LayerQK:
         position p that is c · row has pre-rotary value c / frozen_scale(p) times this."""
         if space not in ("resid", "normalized"):
             raise ValueError(f"rows in space {space!r} have no position-free projection")
-        return self._through_w(side, self._norm(rows, None, space), heads)
+        return self._through_w(side, rows, heads, space)
 
     def pre_rotary(
         self,
@@ -103,17 +103,10 @@ class LayerQK:
     ) -> Float[Tensor, "h n d_head"]:
         """The parts' share of ``hook_q`` / ``hook_k``: attn_in at its frozen scale, then W_Q /
         W_K (no bias; qk-norm, rotary and scaling come after, in :meth:`finish`)."""
+        out = self._through_w(side, vectors, heads, space)
         scale = self.frozen_scale(positions, space)
-        return self._through_w(side, self._norm(vectors, scale, space), heads)
-
-    def _norm(self, x: Tensor, scale: Tensor | None, space: str) -> Tensor:
-        x = x.to(self.dtype)
-        norm = self.arch.attn_in
-        if space == "attn_input":
-            return x  # added after the norm (shortformer positions)
-        # ln1.hook_normalized parts are already centred and divided by σ: only the gain is left
-        centred = space == "normalized"
-        return linearize_norm(x, None if centred else scale, norm.kind, norm.weight, centred)
+        # σ is per position, so dividing after W is the same map on d_head columns, not d_model
+        return out if scale is None else out / scale[None, :, None]
 
     def head_weights(self, side: Side, heads: Int[Tensor, "h"]) -> tuple[Tensor, Tensor]:
         """(W, b) of these heads on ``side`` (kept: calls on the same heads reuse them)."""
@@ -122,9 +115,25 @@ class LayerQK:
             self._weights[key] = self.arch.head_weights(side, heads)
         return self._weights[key]
 
-    def _through_w(self, side: Side, x: Tensor, heads: Int[Tensor, "h"]) -> Tensor:
-        W, _ = self.head_weights(side, heads)
-        return einops.einsum(x, W, "n d_model, h d_model d_head -> h n d_head")
+    def read_weights(
+        self, side: Side, heads: Int[Tensor, "h"], space: str
+    ) -> Float[Tensor, "h d_model d_head"]:
+        """The map a part in ``space`` goes through at unit scale: attn_in's centring and gain
+        folded into W (``FrozenNorm.fold_read``), so a projection is one product per side."""
+        key = (side, space, *heads.tolist())
+        if key not in self._read:
+            W, _ = self.head_weights(side, heads)
+            norm = self.arch.attn_in
+            W = W.to(self.dtype)
+            if space != "attn_input":  # attn_input parts are added after the norm
+                # ln1.hook_normalized parts are already centred and divided by σ: the gain is left
+                W = norm.fold_read(W, centered_already=space == "normalized")
+            self._read[key] = W
+        return self._read[key]
+
+    def _through_w(self, side: Side, x: Tensor, heads: Int[Tensor, "h"], space: str) -> Tensor:
+        W = self.read_weights(side, heads, space)
+        return einops.einsum(x.to(self.dtype), W, "n d_model, h d_model d_head -> h n d_head")
 
     def project_bias(
         self, side: Side, positions: Int[Tensor, "n"], heads: Int[Tensor, "h"]

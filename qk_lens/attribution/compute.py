@@ -99,10 +99,10 @@ def qk_attribution(
     head = check_index("head", head, qk.n_heads, "heads per layer")
     T = cap.n_tokens
     q = check_position("q_pos", q_pos, T)
-    allowed = qk.key_allowed(torch.tensor([q]), torch.arange(T))[0]
+    allowed = qk.key_allowed(torch.tensor([q]), torch.arange(T))[0].tolist()
     single = not isinstance(k_pos, (list, tuple, type(None)))
     if k_pos is None:
-        keys = torch.nonzero(allowed)[:, 0].tolist()
+        keys = [k for k in range(T) if allowed[k]]
     else:
         raw_keys = [k_pos] if single else list(k_pos)
         if not raw_keys:
@@ -148,21 +148,25 @@ def attribute(
     raw = qk.raw_scores()[head]
     final = cap.scores(qk.layer)[head]
     pattern = cap.pattern(qk.layer)[head]
-    alibi = qk.alibi_terms(heads, torch.tensor([q_pos]), torch.tensor(k_positions))[0, 0]
-    tokens = cap.str_tokens
     has_alibi = qk.arch.alibi is not None
+    if has_alibi:
+        alibi = qk.alibi_terms(heads, torch.tensor([q_pos]), torch.tensor(k_positions))[0, 0]
+    tokens = cap.str_tokens
     q_meta = q_side.meta
     if has_alibi:
         q_meta = concat_meta(
             [q_meta, part_meta("alibi", qk.layer, head, np.array([q_pos]), -1, np.nan, ALIBI_LABEL)]
         )
         qv = torch.cat([qv, qv.new_zeros(1, qv.shape[1])])
+    q_norm = float(qv.sum(0).norm())
     out = []
     for i, k in enumerate(k_positions):
         kv = k_side.vectors[0, i][k_side.valid[i]]
         terms = qv @ kv.T
-        scale = float(qv.sum(0).norm() * kv.sum(0).norm() + alibi[i].abs())
-        k_meta = take_meta(k_side.meta, k_side.rows_of(i))
+        scale = q_norm * float(kv.sum(0).norm())
+        if has_alibi:
+            scale += float(alibi[i].abs())
+        k_meta = k_side.meta if len(k_positions) == 1 else take_meta(k_side.meta, k_side.rows_of(i))
         if has_alibi:
             # ALiBi is additive, not bilinear: one labelled query part × one key part holds it.
             terms = torch.cat([terms, terms.new_zeros(terms.shape[0], 1)], dim=1)

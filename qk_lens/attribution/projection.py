@@ -61,11 +61,8 @@ def project_side(
         proj = project_factored(qk, side, pb, flat_pos, heads)
     proj = proj.reshape(len(heads), n_pos, n_slots, -1)
     extras = [qk.project_bias(side, positions, heads)[:, :, None]]
-    wqk = "W_Q + b_Q" if side == "query" else "W_K + b_K"
     pos_np = positions.numpy()
-    extra_meta = [
-        part_meta("attention bias", qk.layer, -1, pos_np, -1, np.nan, f"attn bias (ln1.b·{wqk})")
-    ]
+    extra_meta = [bias_meta(qk, side, pos_np)]
     if qk.arch.shortformer:
         pos_embed = cap.get("hook_pos_embed")[positions]
         extras.append(qk.project(side, pos_embed, positions, heads, "attn_input")[:, :, None])
@@ -82,14 +79,33 @@ def project_side(
         )
     vectors = torch.cat([proj, *extras], dim=2)
     valid = torch.cat([pb.valid, torch.ones(n_pos, len(extras), dtype=torch.bool)], dim=1)
-    # Interleave the extra entries after each position's basis parts (row-major over (pos, slot)).
-    width = n_slots + len(extras)
-    counts = pb.valid.sum(1).numpy()
-    keys = [np.repeat(np.arange(n_pos), counts) * width + ranks(counts)]
-    keys += [np.arange(n_pos) * width + n_slots + j for j in range(len(extras))]
-    order = np.argsort(np.concatenate(keys), kind="stable")
-    meta = take_meta(concat_meta([pb.meta, *extra_meta]), order)
+    meta = concat_meta([pb.meta, *extra_meta])
+    if n_pos > 1:
+        # Interleave the extra entries after each position's basis parts (row-major over
+        # (pos, slot)); with one position they already follow its parts.
+        width = n_slots + len(extras)
+        counts = pb.valid.sum(1).numpy()
+        keys = [np.repeat(np.arange(n_pos), counts) * width + ranks(counts)]
+        keys += [np.arange(n_pos) * width + n_slots + j for j in range(len(extras))]
+        meta = take_meta(meta, np.argsort(np.concatenate(keys), kind="stable"))
     return ProjectedSide(vectors, valid, meta, positions)
+
+
+def bias_meta(qk: LayerQK, side: Side, positions: np.ndarray) -> Meta:
+    """The attention-bias part's metadata at ``positions`` (kept on the capture for one
+    position: every call on a pair asks for it again)."""
+    key = (
+        ("attention bias meta", qk.layer, side, int(positions[0])) if len(positions) == 1 else None
+    )
+    if key is not None and key in qk.cap.derived:
+        return qk.cap.derived[key]
+    wqk = "W_Q + b_Q" if side == "query" else "W_K + b_K"
+    meta = part_meta(
+        "attention bias", qk.layer, -1, positions, -1, np.nan, f"attn bias (ln1.b·{wqk})"
+    )
+    if key is not None:
+        qk.cap.derived[key] = meta
+    return meta
 
 
 def project_factored(
