@@ -9,7 +9,7 @@ forward, one qk_attribution (its caches cold from the forward), the same call ag
 The table ratio is the median over rounds of each round's back-to-back ratio, which cancels
 the drift of a shared machine that a best-of-n taken separately per model does not.
 
-    python benchmarks/bench_bridge.py [--tokens 128] [--d-sae 24576] [--rounds 9]
+    python benchmarks/bench_bridge.py [--tokens 128] [--d-sae 24576] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=24576)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.rounds < 2:  # the table ratio's quartiles need two rounds
