@@ -138,6 +138,10 @@ def test_held_out_names_never_in_a_training_story(training_items):
 def test_held_out_checks_and_questions_never_in_training(training_items):
     sums = held_out_sums()
     assert len(sums) == 10
+    # a < b, and the reverse is checked in training (a pair held out both ways went unlearned)
+    assert all(a < b and (b, a) not in sums for a, b in sums)
+    reversed_seen = {(int(it.words[2]), int(it.words[0])) for it in training_items["arithmetic"]}
+    assert sums <= reversed_seen
     for it in training_items["arithmetic"]:
         assert (int(it.words[0]), int(it.words[2])) not in sums
     for it in held_out_items("arithmetic", 300):
@@ -186,3 +190,19 @@ def test_roles_mark_the_evidence():
 def test_unknown_case_is_refused():
     with pytest.raises(ValueError, match="unknown case 'color'; cases: induction"):
         Grammar(0).item("color")
+
+
+def test_filler_says_runs_twice():
+    """Some filler says a run of 4–8 words twice ("aunt sally park hat . aunt sally park hat ."):
+    the stream's plain-induction signal, found here by its shape."""
+    runs = 0
+    for doc, _ in zip(training_documents(0, 64), range(200), strict=False):
+        w = doc.words
+        for n in range(4, 9):
+            for i in range(len(w) - 2 * n - 1):
+                if (
+                    w[i + n] == "." == w[i + 2 * n + 1]
+                    and w[i : i + n] == w[i + n + 1 : i + 2 * n + 1]
+                ):
+                    runs += 1
+    assert runs >= 20, runs
