@@ -62,8 +62,10 @@ __all__ = [
     "trace",
 ]
 
-# the key feature's coefficient at the source is multiplied by this inside the steered heads
-STEER_SCALE = -4.0
+# the key feature's coefficient at the source is multiplied by this inside the steered heads: it
+# turns the pair's term around; at -4 the casebook's layer-0 heads kept a third of their attention
+# on the word asked about (docs/casebook.md §5)
+STEER_SCALE = -10.0
 FLIP_MIN = 0.8  # the share of held-out prompts steering must flip
 # the steered heads: the top head's layer's heads that carry the edge with it, largest first,
 # until they hold this share of the layer's loading of that sign

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qk_lens import toy
-from qk_lens.casebook import FLIP_MIN, recency_split, run_case, separating_heads
+from qk_lens.casebook import FLIP_MIN, STEER_SCALE, recency_split, run_case, separating_heads
 from qk_lens.toy.casebook_corpus import CASES, LETTERS, held_out_items
 
 torch.set_num_threads(2)
@@ -31,10 +31,10 @@ def study_model():
     return toy.load("casebook", bridge=STUDY_KIND == "bridge")
 
 
-# Held-out accuracy below the 95% on the shipped model (docs/casebook.md says why and
-# what the next recipe changes); strict, so a model that reaches it makes the test fail until
-# this set is emptied.
-BELOW_TARGET = {"arithmetic"}
+# Held-out accuracy below the 95% on the shipped model (docs/casebook.md §4); strict, so
+# a model that reaches it makes the test fail until the case leaves this set. Empty since recipe
+# G (every case at 1.000).
+BELOW_TARGET: set[str] = set()
 _ACCURACY: dict = {}
 
 
@@ -133,7 +133,7 @@ def test_case_study_runs_and_its_numbers_are_the_models(study_model, studies, ca
     assert best_feature == int(row["k_feature"])
     heads = [int(h) for h in row["steer_heads"].split(",")]
     st = study_model.steer_qk(
-        tokens, layer, heads, side="key", features={(best_feature, k): -4.0},
+        tokens, layer, heads, side="key", features={(best_feature, k): STEER_SCALE},
         freeze_other_patterns=True,
     ).summary()  # fmt: skip
     assert st["top_after"] == row["after"] and st["top_before"] == row["before"]
@@ -142,9 +142,9 @@ def test_case_study_runs_and_its_numbers_are_the_models(study_model, studies, ca
 
 
 # The bar: every check passes, steering flips >= 80% of 50 held-out answers. The shipped
-# model reaches it on no case (docs/casebook.md §5); strict, so a model that reaches it on a
-# case makes the test fail until that case leaves this set.
-NOT_CONFIRMED = set(CASES)
+# model reaches it on induction and antonyms (docs/casebook.md §5); strict, so a model that
+# reaches it on another case makes the test fail until that case leaves this set.
+NOT_CONFIRMED = {"multiple-choice", "correctness", "arithmetic"}
 
 
 @pytest.mark.parametrize(
