@@ -8,7 +8,7 @@ the grammar requires (docs/casebook.md):
 2. in the transcoder attribution graph from the answer's logit, the edge across positions that
    matters most to the answer (what single heads carry of it, times its target's influence on
    the logit) comes from the answer's evidence (the name, the word asked about, the right
-   option's span, the color, the sum);
+   option's span; a check's stated value or what it is checked against);
 3. the head loadings of that edge name the heads that carried it, and those heads attend there;
 4. the QK attribution of the top head at (q = the edge's target, k = its source), in the
    layer's SAE basis, gives the top query-feature × key-feature pair (one whose key feature
@@ -86,10 +86,15 @@ def _source(item: Item) -> int:
 
 
 def evidence_positions(item: Item) -> list[int]:
-    """The prompt positions (BOS = 0) that hold the answer's evidence: the name, the word, the
-    color or the sum; for multiple choice the paper's span of the right option, from its content
-    to the beginning of the next option's content (its "(", letter and ")")."""
+    """The prompt positions (BOS = 0) that hold the answer's evidence: the name, the word; for
+    multiple choice the paper's span of the right option, from its content to the beginning of
+    the next option's content (its "(", letter and ")"); for a check, the statement's two sides:
+    the stated value and what it is checked against (the object, the second operand: where the
+    paper's concordance heads attend from the stated value)."""
     src = _source(item)
+    if item.case in ("correctness", "arithmetic"):
+        checked = "object" if item.case == "correctness" else "operand"
+        return sorted((item.marks[checked] + 1, src))
     if item.case != "multiple-choice":
         return [src]
     options = sorted(p + 1 for key, p in item.marks.items() if key.startswith("option"))

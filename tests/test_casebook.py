@@ -11,7 +11,7 @@ import torch
 
 from qk_lens import toy
 from qk_lens.casebook import FLIP_MIN, STEER_SCALE, recency_split, run_case, separating_heads
-from qk_lens.toy.casebook_corpus import CASES, LETTERS, held_out_items
+from qk_lens.toy.casebook_corpus import CASES, COLOR_WORDS, COLORS, LETTERS, held_out_items
 
 torch.set_num_threads(2)
 HOOKED = toy.hooked_transformer_available()
@@ -268,9 +268,19 @@ def test_evidence_positions_follow_the_grammar():
             assert span[-1] + 1 in options  # the next option's content
         else:
             assert right == len(LETTERS) - 1 and words[span[0] + 1] == "answer"  # the last
-    for case in ("induction", "antonyms", "correctness", "arithmetic"):
+    for case in ("induction", "antonyms"):
         item = held_out_items(case, 1)[0]
         assert evidence_positions(item) == [item.marks["source"] + 1]
+    # a check: the statement's two sides, "the color of the OBJECT is COLOR ?", "A + B = C ?"
+    for item in held_out_items("correctness", 10):
+        words = ("<bos>", *item.words[:-1])
+        obj, color = (words[p] for p in evidence_positions(item))
+        assert dict(COLORS)[obj] and color in COLOR_WORDS and words[-1] == "?"
+        assert words.index(obj) == words.index("of") + 2 and words[-2] == color
+    for item in held_out_items("arithmetic", 10):
+        words = ("<bos>", *item.words[:-1])
+        b, c = evidence_positions(item)
+        assert words[b - 1] == "+" and words[c - 1] == "=" and c == len(words) - 2
 
 
 def test_run_case_refuses_unknown_cases(study_model):
