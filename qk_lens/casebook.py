@@ -85,6 +85,12 @@ def _source(item: Item) -> int:
     return item.marks["source"] + 1  # BOS comes first
 
 
+def _checked(item: Item) -> int:
+    """The prompt position of what a check's stated value is checked against: the object of a
+    color check, the second operand of a sum."""
+    return item.marks["object" if item.case == "correctness" else "operand"] + 1
+
+
 def evidence_positions(item: Item) -> list[int]:
     """The prompt positions (BOS = 0) that hold the answer's evidence: the name, the word; for
     multiple choice the paper's span of the right option, from its content to the beginning of
@@ -93,8 +99,7 @@ def evidence_positions(item: Item) -> list[int]:
     paper's concordance heads attend from the stated value)."""
     src = _source(item)
     if item.case in ("correctness", "arithmetic"):
-        checked = "object" if item.case == "correctness" else "operand"
-        return sorted((item.marks[checked] + 1, src))
+        return sorted((_checked(item), src))
     if item.case != "multiple-choice":
         return [src]
     options = sorted(p + 1 for key, p in item.marks.items() if key.startswith("option"))
@@ -512,10 +517,9 @@ def separating_where(case: str, at: str) -> str:
 
 def _separating_positions(item: Item, at: str) -> tuple[int, int]:
     """(query, key) prompt positions (BOS = 0) of ``separating_heads``'s view ``at``."""
-    checked = "object" if item.case == "correctness" else "operand"
     if at == "final":
         return len(item.words) - 1, _source(item)
-    return _source(item), item.marks[checked] + 1
+    return _source(item), _checked(item)
 
 
 def separating_heads(
