@@ -350,6 +350,41 @@ def test_the_bridge_is_the_hooked_model(name):
     torch.testing.assert_close(b.terms, h.terms, **tol)
 
 
+@needs_hooked
+@pytest.mark.parametrize("attn_only", [False, True])
+def test_the_neox_rebuild_computes_the_hooked_model(attn_only):
+    """LayerNorm + rotary (+ GELU MLPs) rebuilt as GPTNeoXForCausalLM: the same logits as the
+    HookedTransformer, with every bias and norm weight randomized (zero biases would hide a
+    misplaced one)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from qk_lens.arch.convert import hooked_to_hf
+
+    cfg = dict(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=50, attn_only=attn_only,
+        normalization_type="LN", positional_embedding_type="rotary", rotary_dim=8, seed=3,
+        act_fn=None if attn_only else "gelu_new", **({} if attn_only else {"d_mlp": 24}),
+    )  # fmt: skip
+    hooked = HookedTransformer(HookedTransformerConfig(**cfg, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hooked.named_parameters():
+            if name.split(".")[-1].startswith(("b", "w")):  # biases, norm weights
+                p.copy_(
+                    torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (name[-2:] == ".w")
+                )
+    state = {k: v for k, v in hooked.state_dict().items()}
+    hf, _, architecture = hooked_to_hf(cfg, state)
+    assert architecture == "GPTNeoXForCausalLM"
+    toks = torch.randint(0, 50, (2, 16), generator=g)
+    with torch.no_grad():
+        want = hooked(toks)
+        got = hf(toks).logits
+    # rotary tables: float32 on both sides, computed differently (as for Llama above)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
 @pytest.mark.skipif(HOOKED, reason="TransformerLens 4 only")
 def test_training_needs_stack_a(capsys):
     from qk_lens.cli import main

@@ -2,11 +2,12 @@
 
 TransformerLens 4 has no HookedTransformer, so a model saved as a HookedTransformer state dict
 (the bundled toy models) is rebuilt as the Hugging Face family with the same computation:
-LayerNorm + learned positions → ``GPT2LMHeadModel``; RMSNorm + rotary (rotate-half pairs, as
-TransformerLens's default) → ``LlamaForCausalLM`` with attention biases. HookedTransformer's
-unembedding bias becomes a bias on ``lm_head``. Attention-only models get an MLP whose output
-projection is zero, which adds exactly 0 to the residual stream; GPT-2-style models with GELU
-(``gelu_new``) MLPs keep theirs.
+LayerNorm + learned positions → ``GPT2LMHeadModel``; LayerNorm + rotary (rotate-half pairs, as
+TransformerLens's default) → ``GPTNeoXForCausalLM`` (sequential residual, not Pythia's parallel
+one); RMSNorm + rotary → ``LlamaForCausalLM`` with attention biases. HookedTransformer's
+unembedding bias becomes a bias on ``lm_head``. Attention-only models get an MLP whose
+output projection is zero, which adds exactly 0 to the residual stream; models with GELU
+(``gelu_new``) MLPs keep theirs, in the GPT-2 and GPT-NeoX families (Llama's MLP is gated).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from torch import Tensor, nn
 __all__ = ["CONVERTIBLE", "hooked_to_hf"]
 
 # (normalization_type, positional_embedding_type) -> Hugging Face class
-CONVERTIBLE = {("LN", "standard"): "GPT2LMHeadModel", ("RMS", "rotary"): "LlamaForCausalLM"}
+CONVERTIBLE = {
+    ("LN", "standard"): "GPT2LMHeadModel",
+    ("LN", "rotary"): "GPTNeoXForCausalLM",
+    ("RMS", "rotary"): "LlamaForCausalLM",
+}
 
 
 # Config fields the rebuild reads (or that do not change the computation); any other field set
@@ -67,10 +72,11 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
         cfg[k] for k in ("n_layers", "d_model", "n_heads", "d_head")
     )
     attn_only = bool(cfg.get("attn_only", False))
-    if not attn_only and kind != ("LN", "standard"):
+    if not attn_only and kind[0] != "LN":
         raise ValueError(
             "cannot rebuild a HookedTransformer with MLPs and normalization_type="
-            f"{kind[0]!r} as a Hugging Face model; MLPs convert for LN+standard (GPT-2) only"
+            f"{kind[0]!r} as a Hugging Face model; MLPs convert with LayerNorm (GPT-2, "
+            "GPT-NeoX) only"
         )
     if not attn_only:
         _require(cfg, "act_fn", ("gelu_new",), None)  # GPT-2's activation
@@ -89,6 +95,18 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
             activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape,
         )  # fmt: skip
+    elif name == "GPTNeoXForCausalLM":
+        _require(cfg, "rotary_adjacent_pairs", (False,), False)
+        _require(cfg, "rotary_dim", (d_head,), d_head)
+        hf_cfg = transformers.GPTNeoXConfig(
+            hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=4 * d_model if attn_only else cfg["d_mlp"], hidden_act="gelu_new",
+            max_position_embeddings=cfg["n_ctx"], layer_norm_eps=eps, use_parallel_residual=False,
+            attention_bias=True, rope_parameters={
+                "rope_type": "default", "rope_theta": float(cfg.get("rotary_base", 10000)),
+                "partial_rotary_factor": 1.0,
+            }, **shape,
+        )  # fmt: skip
     else:
         _require(cfg, "rotary_adjacent_pairs", (False,), False)
         _require(cfg, "rotary_dim", (d_head,), d_head)
@@ -100,18 +118,18 @@ def hooked_to_hf(cfg: dict[str, Any], state: dict[str, Tensor]) -> tuple[nn.Modu
         )  # fmt: skip
     dtype = state["embed.W_E"].dtype
     hf = getattr(transformers, name)(hf_cfg).to(dtype).eval()
-    # HookedTransformer's unembedding has a bias; neither family's lm_head does.
-    hf.lm_head = nn.Linear(d_model, cfg["d_vocab"], bias=True, dtype=dtype)
+    # HookedTransformer's unembedding has a bias; no family's output layer does.
+    hf.lm_head = head = nn.Linear(d_model, cfg["d_vocab"], bias=True, dtype=dtype)
     read = _Reads(state)
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()  # the MLPs stay zero: an attention-only model's MLP adds nothing
         try:
-            (_fill_gpt2 if name == "GPT2LMHeadModel" else _fill_llama)(hf, read, n_layers)
+            _FILL[name](hf, read, n_layers)
             if not attn_only:
-                _fill_gpt2_mlps(hf, read)
-            hf.lm_head.weight.copy_(read["unembed.W_U"].T)
-            hf.lm_head.bias.copy_(read["unembed.b_U"])
+                (_fill_neox_mlps if name == "GPTNeoXForCausalLM" else _fill_gpt2_mlps)(hf, read)
+            head.weight.copy_(read["unembed.W_U"].T)
+            head.bias.copy_(read["unembed.b_U"])
         except RuntimeError as e:  # a shape that disagrees with the config
             raise ValueError(f"the weights do not match the config: {e}") from None
     # Buffers HookedTransformer recomputes (masks, rotary tables) carry no weights.
@@ -190,3 +208,41 @@ def _fill_llama(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
         )
         attn.o_proj.bias.copy_(s[p + "attn.b_O"])
     m.norm.weight.copy_(s["ln_final.w"])
+
+
+def _fill_neox(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
+    m = hf.gpt_neox
+    m.embed_in.weight.copy_(s["embed.W_E"])
+    for layer, block in enumerate(m.layers):
+        p = f"blocks.{layer}."
+        block.input_layernorm.weight.copy_(s[p + "ln1.w"])
+        block.input_layernorm.bias.copy_(s[p + "ln1.b"])
+        block.post_attention_layernorm.weight.fill_(1.0)  # reads into the zero MLP
+        attn = block.attention  # one Linear whose output is, per head, q, k and v side by side
+        w = torch.stack([s[p + f"attn.W_{m}"] for m in "QKV"], dim=1)
+        b = torch.stack([s[p + f"attn.b_{m}"] for m in "QKV"], dim=1)
+        attn.query_key_value.weight.copy_(
+            einops.rearrange(w, "head qkv d_model d_head -> (head qkv d_head) d_model")
+        )
+        attn.query_key_value.bias.copy_(b.reshape(-1))
+        attn.dense.weight.copy_(
+            einops.rearrange(s[p + "attn.W_O"], "head d_head d_model -> d_model (head d_head)")
+        )
+        attn.dense.bias.copy_(s[p + "attn.b_O"])
+    m.final_layer_norm.weight.copy_(s["ln_final.w"])
+    m.final_layer_norm.bias.copy_(s["ln_final.b"])
+
+
+def _fill_neox_mlps(hf: nn.Module, s: dict[str, Tensor]) -> None:
+    for layer, block in enumerate(hf.gpt_neox.layers):
+        p = f"blocks.{layer}."
+        block.post_attention_layernorm.weight.copy_(s[p + "ln2.w"])
+        block.post_attention_layernorm.bias.copy_(s[p + "ln2.b"])
+        block.mlp.dense_h_to_4h.weight.copy_(s[p + "mlp.W_in"].T)  # Linear: x @ weight.T
+        block.mlp.dense_h_to_4h.bias.copy_(s[p + "mlp.b_in"])
+        block.mlp.dense_4h_to_h.weight.copy_(s[p + "mlp.W_out"].T)
+        block.mlp.dense_4h_to_h.bias.copy_(s[p + "mlp.b_out"])
+
+
+_FILL = {"GPT2LMHeadModel": _fill_gpt2, "GPTNeoXForCausalLM": _fill_neox,
+         "LlamaForCausalLM": _fill_llama}  # fmt: skip
