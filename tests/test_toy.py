@@ -402,6 +402,16 @@ def test_training_needs_stack_a(capsys):
         ({"attn_only": False}, "act_fn=None"),
         ({"attn_only": False, "act_fn": "relu", "d_mlp": 64}, "act_fn='relu'"),
         ({"normalization_type": "LNPre"}, "normalization_type='LNPre'"),
+        (
+            {
+                "normalization_type": "RMS",
+                "positional_embedding_type": "rotary",
+                "attn_only": False,
+                "act_fn": "gelu_new",
+                "d_mlp": 64,
+            },
+            "MLPs convert with LayerNorm",
+        ),
     ],
 )
 def test_the_bridge_rebuild_refuses_what_it_does_not_carry_over(extra, match):
