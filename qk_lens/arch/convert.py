@@ -219,8 +219,8 @@ def _fill_neox(hf: nn.Module, s: dict[str, Tensor], n_layers: int) -> None:
         block.input_layernorm.bias.copy_(s[p + "ln1.b"])
         block.post_attention_layernorm.weight.fill_(1.0)  # reads into the zero MLP
         attn = block.attention  # one Linear whose output is, per head, q, k and v side by side
-        w = torch.stack([s[p + f"attn.W_{m}"] for m in "QKV"], dim=1)
-        b = torch.stack([s[p + f"attn.b_{m}"] for m in "QKV"], dim=1)
+        w = torch.stack([s[p + f"attn.W_{mat}"] for mat in "QKV"], dim=1)
+        b = torch.stack([s[p + f"attn.b_{mat}"] for mat in "QKV"], dim=1)
         attn.query_key_value.weight.copy_(
             einops.rearrange(w, "head qkv d_model d_head -> (head qkv d_head) d_model")
         )
