@@ -374,7 +374,7 @@ def test_the_neox_rebuild_computes_the_hooked_model(attn_only):
                     torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (name[-2:] == ".w")
                 )
     state = {k: v for k, v in hooked.state_dict().items()}
-    hf, _, architecture = hooked_to_hf(cfg, state)
+    hf, hf_cfg, architecture = hooked_to_hf(cfg, state)
     assert architecture == "GPTNeoXForCausalLM"
     toks = torch.randint(0, 50, (2, 16), generator=g)
     with torch.no_grad():
@@ -383,6 +383,28 @@ def test_the_neox_rebuild_computes_the_hooked_model(attn_only):
     # rotary tables: float32 on both sides, computed differently (as for Llama above)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+    # the bridge over the rebuild: its own hooks' scores, and the same QK attribution terms
+    from transformer_lens.model_bridge import sources
+
+    import qk_lens
+    from tests.saes import make_sae
+
+    bridge = qk_lens.attach(sources.build_bridge_from_module(hf, architecture, hf_config=hf_cfg))
+    qk_lens.attach(hooked)
+    for model in (hooked, bridge):
+        model.add_dictionary(make_sae("topk", d_in=32, d_sae=64, seed=3))
+    with torch.no_grad():
+        _, ch = hooked.run_with_cache(toks[:1])
+        _, cb = bridge.run_with_cache(toks[:1])
+    a, b = ch["blocks.1.attn.hook_attn_scores"], cb["blocks.1.attn.hook_attn_scores"]
+    mask = torch.isfinite(a) & (a > -1e30)
+    torch.testing.assert_close(b[mask], a[mask], rtol=1e-6, atol=1e-6)
+    h = hooked.qk_attribution(toks[0], 1, 2, 9, 4)
+    br = bridge.qk_attribution(toks[0], 1, 2, 9, 4)
+    torch.testing.assert_close(br.terms, h.terms, rtol=1e-6, atol=1e-6)
+    want_score = a[0, 2, 9, 4].item()
+    assert abs(br.score - want_score) < 1e-6 and abs(h.score - want_score) < 1e-9
 
 
 @pytest.mark.skipif(HOOKED, reason="TransformerLens 4 only")
