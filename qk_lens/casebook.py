@@ -43,6 +43,7 @@ from qk_lens.toy.casebook_corpus import CASES, WORD_CLASSES, Item, held_out_item
 from qk_lens.views import Report, bar_list, pattern_heatmap, table
 
 __all__ = [
+    "BY_ANSWER_CASES",
     "CARRY_SHARE",
     "CASES",
     "CaseStudy",
@@ -72,6 +73,8 @@ FLIP_MIN = 0.8  # the share of held-out prompts steering must flip
 CARRY_SHARE = 0.9
 ATTENTION_MIN = 0.3  # a head that carries the edge attends at least this much to the source
 N_FLIP = 50
+# cases whose answers are a few words, so the flips are also shown per answer
+BY_ANSWER_CASES = ("multiple-choice", "correctness", "arithmetic")
 # a W_QK skew counts as clearly signed from here (random heads spread about 0.1: qk_lens.atlas)
 SKEW_CLEAR = 0.2
 
@@ -222,6 +225,17 @@ class CaseStudy:
         ok = self.flips[self.flips["answered"]]
         return float(ok["flipped"].mean()) if len(ok) else float("nan")
 
+    def flips_by_answer(self) -> pd.DataFrame:
+        """The held-out flips split by the right answer (one row each: prompts, answered,
+        flipped, rate): a check's Yes -> No and No -> Yes differ (the paper flipped Yes -> No;
+        No -> Yes took larger steering), as do the options of a multiple-choice question."""
+        f = self.flips
+        out = f.groupby("answer", sort=True).agg(
+            prompts=("answered", "size"), answered=("answered", "sum"), flipped=("flipped", "sum")
+        )
+        out["rate"] = out["flipped"] / out["answered"].where(out["answered"] > 0)
+        return out.reset_index()
+
     def summary(self) -> str:
         """Plain-text account for a terminal."""
         e = self.edge_info
@@ -262,6 +276,12 @@ class CaseStudy:
             f"{int(self.flips['answered'].sum())} answered ({self.flip_rate:.0%}; "
             f"needs >= {FLIP_MIN:.0%})",
         ]
+        if self.case in BY_ANSWER_CASES:
+            split = "; ".join(
+                f"{r.answer!r} {r.flipped} of {r.answered}"
+                for r in self.flips_by_answer().itertuples()
+            )
+            lines.append(f"  by the right answer (flipped of answered): {split}")
         if self.separating is not None:
             for at, sep in self.separating.groupby("at", sort=False):
                 lines += ["", f"heads whose attention {separating_where(self.case, at)} "
@@ -321,6 +341,7 @@ class CaseStudy:
         rep.add(
             "QK-only steering of the top pair",
             table(self.steering.predictions(5), caption="with the hydra control"),
+            table(self.flips_by_answer(), caption="held-out flips by the right answer"),
             table(self.flips, max_rows=60, caption="held-out prompts"),
         )
         if self.separating is not None:

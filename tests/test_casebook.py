@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from qk_lens import toy
-from qk_lens.casebook import FLIP_MIN, STEER_SCALE, recency_split, run_case, separating_heads
+from qk_lens.casebook import (
+    BY_ANSWER_CASES,
+    FLIP_MIN,
+    STEER_SCALE,
+    recency_split,
+    run_case,
+    separating_heads,
+)
 from qk_lens.toy.casebook_corpus import CASES, COLOR_WORDS, COLORS, LETTERS, held_out_items
 
 torch.set_num_threads(2)
@@ -115,6 +122,18 @@ def test_case_study_runs_and_its_numbers_are_the_models(study_model, studies, ca
     f = study.flips
     assert len(f) == 50 and f["answered"].sum() >= 25
     assert (f["flipped"] == (f["answered"] & (f["after"] != f["answer"]))).all()
+    # the split by the right answer, counted here row by row
+    by = study.flips_by_answer().set_index("answer")
+    counts: dict[str, list[int]] = {}
+    for answer, answered, flipped in zip(f["answer"], f["answered"], f["flipped"], strict=True):
+        c = counts.setdefault(answer, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + int(answered), c[2] + int(flipped)
+    assert sorted(counts) == sorted(by.index)
+    for answer, (prompts, answered, flipped) in counts.items():
+        assert (by.loc[answer, "prompts"], by.loc[answer, "answered"]) == (prompts, answered)
+        assert by.loc[answer, "flipped"] == flipped
+    if case in BY_ANSWER_CASES:
+        assert "by the right answer" in study.summary()
     # one flip recomputed by hand: the pair picked from the attribution's terms here, the edit
     # through model.steer_qk
     row = f[f["layer"] >= 0].iloc[0]
