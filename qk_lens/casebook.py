@@ -15,7 +15,9 @@ the grammar requires (docs/casebook.md):
    raises the score); its labels are checked against what the key and the query are;
 5. QK-only steering of that pair in those heads (the key feature scaled at the source, every
    other head's pattern frozen: the hydra control) flips the answer, on this prompt and on 50
-   held-out prompts, each traced on its own (:func:`trace`: its own edge, heads and pair);
+   held-out prompts, each traced on its own (:func:`trace`: its own edge, heads and pair); for
+   correctness and arithmetic, as in the paper, the prompt and the 50 are true statements
+   (Yes -> No), and 50 false ones (No -> Yes) are reported beside them;
 6. correctness and arithmetic: the heads whose attention separates true from false statements,
    with their W_QK eigenvalue skew from the head atlas, read at two places: from "?" to the
    stated value, and (the paper's) from the stated value to the object or second operand;
@@ -45,6 +47,8 @@ from qk_lens.views import Report, bar_list, pattern_heatmap, table
 __all__ = [
     "BY_ANSWER_CASES",
     "CARRY_SHARE",
+    "FLIP_ANSWER",
+    "REVERSE_ANSWER",
     "CASES",
     "CaseStudy",
     "NothingToSteer",
@@ -54,6 +58,7 @@ __all__ = [
     "Trace",
     "carrying_heads",
     "evidence_positions",
+    "flip_items",
     "flip_rate",
     "name_head",
     "recency_split",
@@ -74,7 +79,14 @@ CARRY_SHARE = 0.9
 ATTENTION_MIN = 0.3  # a head that carries the edge attends at least this much to the source
 N_FLIP = 50
 # cases whose answers are a few words, so the flips are also shown per answer
-BY_ANSWER_CASES = ("multiple-choice", "correctness", "arithmetic")
+BY_ANSWER_CASES = ("multiple-choice",)
+# The checks' flips are counted where the paper counted them: on true statements, Yes -> No (its
+# prompts "the color of a banana is yellow ?" and "18 + 5 = 23 ?"). A false statement's
+# No -> Yes is measured on as many false ones and reported beside it, not checked: the study's
+# edit removes attention to evidence, and no token of "2 + 6 = 5 ?" is the right sum (the
+# paper, too, needed larger steering, and a query-side injection, for No -> Yes).
+FLIP_ANSWER = {"correctness": "yes", "arithmetic": "yes"}
+REVERSE_ANSWER = {"correctness": "no", "arithmetic": "no"}
 # a W_QK skew counts as clearly signed from here (random heads spread about 0.1: qk_lens.atlas)
 SKEW_CLEAR = 0.2
 
@@ -198,6 +210,8 @@ class CaseStudy:
     steering: Any  # QKSteering with the hydra control
     steering_free: Any  # the same edit, other heads' patterns free
     flips: pd.DataFrame  # held-out prompts: before, after, flipped
+    # correctness, arithmetic: the same on held-out false statements (No -> Yes), reported
+    reverse_flips: pd.DataFrame | None = None
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     separating: pd.DataFrame | None = None  # correctness, arithmetic
@@ -272,10 +286,20 @@ class CaseStudy:
             f"position {self.k_pos} in L{self.layer} heads {self.steer_heads}, other heads' "
             f"patterns frozen: top prediction {s['top_before']!r} -> {s['top_after']!r}; "
             f"without the control: -> {self.steering_free.summary()['top_after']!r}",
-            f"held-out prompts flipped: {self.flips['flipped'].sum()} of "
+            f"held-out {'true statements' if self.case in FLIP_ANSWER else 'prompts'} "
+            f"flipped: {self.flips['flipped'].sum()} of "
             f"{int(self.flips['answered'].sum())} answered ({self.flip_rate:.0%}; "
             f"needs >= {FLIP_MIN:.0%})",
         ]
+        if self.reverse_flips is not None:
+            r = self.reverse_flips
+            n_ok = int(r["answered"].sum())
+            lines.append(
+                f"  those are true statements ({FLIP_ANSWER[self.case]!r}), flipped as the paper "
+                f"did; on {len(r)} held-out false statements ({REVERSE_ANSWER[self.case]!r}) the "
+                f"same edit flips {int(r['flipped'].sum())} of {n_ok} answered (reported, not "
+                "checked)"
+            )
         if self.case in BY_ANSWER_CASES:
             split = "; ".join(
                 f"{r.answer!r} {r.flipped} of {r.answered}"
@@ -302,9 +326,10 @@ class CaseStudy:
 
     def verdict(self) -> str:
         if self.confirmed:
+            what = "true statements" if self.case in FLIP_ANSWER else "answers"
             return (
                 f"Confirmed: the {self.case} case runs end to end; steering flips "
-                f"{self.flip_rate:.0%} of held-out answers."
+                f"{self.flip_rate:.0%} of held-out {what}."
             )
         failed = "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
         return f"Not confirmed. {failed}"
@@ -344,6 +369,11 @@ class CaseStudy:
             table(self.flips_by_answer(), caption="held-out flips by the right answer"),
             table(self.flips, max_rows=60, caption="held-out prompts"),
         )
+        if self.reverse_flips is not None:
+            rep.add(
+                "The same steering on false statements (reported, not checked)",
+                table(self.reverse_flips, max_rows=60, caption="held-out false statements"),
+            )
         if self.separating is not None:
             rep.add("Heads that separate true from false", table(self.separating, max_rows=40))
         if self.recency is not None:
@@ -375,9 +405,11 @@ def _top_token(model: Any, prompt: str) -> str:
 
 def _choose_item(model: Any, case: str, seed: int) -> Item:
     """The first held-out item the model answers (for induction: with two names under the
-    final title, so recency matters)."""
+    final title, so recency matters; for a check: a true statement, the paper's prompt)."""
     for item in held_out_items(case, 200, seed=seed):
         if case == "induction" and item.foil is None:
+            continue
+        if case in FLIP_ANSWER and item.answer != FLIP_ANSWER[case]:
             continue
         if _top_token(model, item.prompt) == item.answer:
             return item
@@ -480,16 +512,46 @@ def trace(model: Any, item: Item) -> Trace:
                  _top_pair(attr))  # fmt: skip
 
 
+def flip_items(case: str, n: int, seed: int = 777, answer: str | None = None) -> list[Item]:
+    """``n`` held-out items of ``case``, in the grammar's order; with ``answer``, only those whose
+    right answer it is (e.g. the true statements of a check: ``answer="yes"``)."""
+    if case not in CASES:
+        raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+    n = check_count("n", n)
+    if answer is None:
+        return held_out_items(case, n, seed=seed)
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a string (an item's right answer), got {answer!r}")
+    pool = held_out_items(case, 20 * n, seed=seed)
+    out = [item for item in pool if item.answer == answer][:n]
+    if len(out) < n:
+        seen = sorted({item.answer for item in pool})
+        shown = ", ".join(repr(a) for a in seen[:10]) + (", ..." if len(seen) > 10 else "")
+        raise ValueError(
+            f"only {len(out)} of {len(pool)} held-out {case!r} items answer {answer!r} (need "
+            f"{n}); their answers include {shown}"
+        )
+    return out
+
+
 def flip_rate(
-    model: Any, case: str, n: int = N_FLIP, seed: int = 777, progress: bool = False
+    model: Any,
+    case: str,
+    n: int = N_FLIP,
+    seed: int = 777,
+    progress: bool = False,
+    answer: str | None = None,
 ) -> pd.DataFrame:
-    """On ``n`` held-out prompts, each traced on its own (its edge, heads and pair: :func:`trace`)
-    and steered with the hydra control; one row per prompt (``answered``: the clean model's top
+    """On ``n`` held-out prompts (with ``answer``: only those whose right answer it is,
+    :func:`flip_items`), each traced on its own (its edge, heads and pair: :func:`trace`) and
+    steered with the hydra control; one row per prompt (``answered``: the clean model's top
     prediction is the answer; ``flipped``: after steering it is not). A prompt without an edge
     across positions or a pair to steer counts as not flipped."""
     rows = []
     for item in tqdm(
-        held_out_items(case, n, seed=seed), desc=f"{case} flips", disable=not progress
+        flip_items(case, n, seed=seed, answer=answer),
+        desc=f"{case} flips",
+        disable=not progress,
     ):
         tokens = model.to_tokens(item.prompt)
         row: dict[str, Any] = {"prompt": item.prompt, "answer": item.answer}
@@ -685,7 +747,10 @@ def run_case(
     pattern = model.qk_capture(tokens).pattern(layer)[head].detach().double().cpu().numpy()
     steering = _steer(model, tokens, t, freeze=True)
     steering_free = _steer(model, tokens, t, freeze=False)
-    flips = flip_rate(model, case, n=n_flip, progress=progress)
+    flips = flip_rate(model, case, n=n_flip, progress=progress, answer=FLIP_ANSWER.get(case))
+    reverse = None
+    if case in REVERSE_ANSWER:
+        reverse = flip_rate(model, case, n=n_flip, progress=progress, answer=REVERSE_ANSWER[case])
 
     roles = item.roles()
     want_k = evidence_positions(item)
@@ -696,10 +761,11 @@ def run_case(
     study = CaseStudy(
         case=case, model_name=str(model.cfg.model_name), item=item, str_tokens=str_tokens,
         prediction=prediction, trace=t, pattern=pattern, steering=steering,
-        steering_free=steering_free, flips=flips,
+        steering_free=steering_free, flips=flips, reverse_flips=reverse,
     )  # fmt: skip
     rate = study.flip_rate
     where = ", ".join(f"{p} ({str_tokens[p]!r})" for p in want_k)
+    prompts = "true statements" if case in FLIP_ANSWER else "prompts"
     study.checks = [
         Check("answers", prediction == item.answer,
               f"top prediction {prediction!r}; the answer is {item.answer!r}"),
@@ -722,7 +788,8 @@ def run_case(
               f"{s['top_before']!r} -> {s['top_after']!r} (prob {s['top_after_prob']:.2f})"),
         Check("steering flips held-out answers", rate >= FLIP_MIN,
               f"{int(flips['flipped'].sum())} of {int(flips['answered'].sum())} answered "
-              f"held-out prompts ({rate:.0%}; needs >= {FLIP_MIN:.0%}), each traced on its own"),
+              f"held-out {prompts} ({rate:.0%}; needs >= {FLIP_MIN:.0%}), each traced on its "
+              "own"),
     ]  # fmt: skip
     if steering_free.summary()["top_after"] == item.answer and s["top_after"] != item.answer:
         study.notes.append(

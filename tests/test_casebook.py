@@ -12,7 +12,9 @@ import torch
 from qk_lens import toy
 from qk_lens.casebook import (
     BY_ANSWER_CASES,
+    FLIP_ANSWER,
     FLIP_MIN,
+    REVERSE_ANSWER,
     STEER_SCALE,
     recency_split,
     run_case,
@@ -134,6 +136,15 @@ def test_case_study_runs_and_its_numbers_are_the_models(study_model, studies, ca
         assert by.loc[answer, "flipped"] == flipped
     if case in BY_ANSWER_CASES:
         assert "by the right answer" in study.summary()
+    if case in FLIP_ANSWER:  # a check: its prompt and its 50 are true statements, as the paper's
+        assert study.item.answer == FLIP_ANSWER[case] == "yes"
+        assert (f["answer"] == "yes").all()
+        r = study.reverse_flips
+        assert len(r) == 50 and (r["answer"] == REVERSE_ANSWER[case] == "no").all()
+        assert (r["flipped"] == (r["answered"] & (r["after"] != r["answer"]))).all()
+        assert "false statements" in study.summary()
+    else:
+        assert study.reverse_flips is None
     # one flip recomputed by hand: the pair picked from the attribution's terms here, the edit
     # through model.steer_qk
     row = f[f["layer"] >= 0].iloc[0]
@@ -300,6 +311,32 @@ def test_evidence_positions_follow_the_grammar():
         words = ("<bos>", *item.words[:-1])
         b, c = evidence_positions(item)
         assert words[b - 1] == "+" and words[c - 1] == "=" and c == len(words) - 2
+
+
+def test_flip_items_keep_the_grammars_order_and_the_asked_answer():
+    from qk_lens.casebook import flip_items
+
+    everything = held_out_items("correctness", 400, seed=777)
+    for answer in ("yes", "no"):
+        got = flip_items("correctness", 50, seed=777, answer=answer)
+        # the first 50 of the grammar's held-out items with that answer, counted by hand
+        want, i = [], 0
+        while len(want) < 50:
+            if everything[i].answer == answer:
+                want.append(everything[i])
+            i += 1
+        assert [it.words for it in got] == [it.words for it in want]
+        words = [it.words[-3] for it in got]  # the stated value: statements vary
+        assert len(set(words)) > 3
+    assert [it.words for it in flip_items("antonyms", 5)] == [
+        it.words for it in held_out_items("antonyms", 5, seed=777)
+    ]
+    with pytest.raises(ValueError, match="items answer 'maybe'.*answers include 'no', 'yes'"):
+        flip_items("arithmetic", 5, answer="maybe")
+    with pytest.raises(ValueError, match="unknown case 'sums'"):
+        flip_items("sums", 5)
+    with pytest.raises(TypeError, match="answer must be a string"):
+        flip_items("arithmetic", 5, answer=True)
 
 
 def test_run_case_refuses_unknown_cases(study_model):
