@@ -47,11 +47,11 @@ from qk_lens.views import Report, bar_list, pattern_heatmap, table
 __all__ = [
     "BY_ANSWER_CASES",
     "CARRY_SHARE",
-    "FLIP_ANSWER",
-    "REVERSE_ANSWER",
     "CASES",
     "CaseStudy",
+    "FLIP_ANSWER",
     "NothingToSteer",
+    "REVERSE_ANSWER",
     "RecencySplit",
     "SEPARATING_AT",
     "SEPARATION_MIN",
@@ -366,7 +366,11 @@ class CaseStudy:
         rep.add(
             "QK-only steering of the top pair",
             table(self.steering.predictions(5), caption="with the hydra control"),
-            table(self.flips_by_answer(), caption="held-out flips by the right answer"),
+            *(
+                [table(self.flips_by_answer(), caption="held-out flips by the right answer")]
+                if self.case in BY_ANSWER_CASES
+                else []
+            ),
             table(self.flips, max_rows=60, caption="held-out prompts"),
         )
         if self.reverse_flips is not None:
