@@ -20,7 +20,15 @@ from qk_lens.casebook import (
     run_case,
     separating_heads,
 )
-from qk_lens.toy.casebook_corpus import CASES, COLOR_WORDS, COLORS, LETTERS, held_out_items
+from qk_lens.toy.casebook_corpus import (
+    CASES,
+    COLOR_WORDS,
+    COLORS,
+    LETTERS,
+    held_out_items,
+    held_out_objects,
+    held_out_sums,
+)
 
 torch.set_num_threads(2)
 HOOKED = toy.hooked_transformer_available()
@@ -79,6 +87,42 @@ def test_recorded_accuracy_is_measured(model, case):
 )
 def test_held_out_accuracy_reaches_95_percent(model, case):
     assert _accuracy(model, case) >= 0.95, f"{case}: {_accuracy(model, case):.3f}"
+
+
+def test_recorded_check_margins_are_measured(model):
+    """The recorded yes − no margins of the held-out checks (config.json), recomputed prompt by
+    prompt through the tokenizer (the recorded ones came from one batch of token ids)."""
+    recorded = model.toy.config["metrics"]["check_margins"]
+    yes, no = model.to_single_token("yes"), model.to_single_token("no")
+
+    def margin(prompt: str) -> float:
+        with torch.no_grad():
+            logits = model(prompt)[0, -1]
+        return float(logits[yes] - logits[no])
+
+    colors = recorded["colors"]["held_out_true"]
+    assert sorted(colors) == sorted(held_out_objects())
+    for obj, true in COLORS:
+        if obj in colors:
+            got = margin(f"the color of the {obj} is {true} ?")
+            assert abs(got - colors[obj]) <= 0.02, (obj, got, colors[obj])
+    sums = recorded["sums"]["held_out_true"]
+    assert sorted(sums) == sorted(f"{a} + {b}" for a, b in held_out_sums())
+    for a, b in held_out_sums():
+        got = margin(f"{a} + {b} = {a + b} ?")
+        assert abs(got - sums[f"{a} + {b}"]) <= 0.02, (a, b, got)
+    # the checked objects' and sums' figures are means over the same kind of prompt
+    chk = [margin(f"the color of the {o} is {t} ?") for o, t in COLORS if o not in colors]
+    assert abs(sum(chk) / len(chk) - recorded["colors"]["checked_true_mean"]) <= 0.02
+    if HOOKED:  # the training script (HookedTransformer's stack) still measures the same
+        from qk_lens.toy.recipes import RECIPES
+        from qk_lens.toy.train import check_margins
+
+        again = check_margins(model, RECIPES["casebook"])
+        assert again.keys() == recorded.keys()
+        for kind in again:
+            for key, value in recorded[kind]["held_out_true"].items():
+                assert abs(again[kind]["held_out_true"][key] - value) <= 0.02, (kind, key)
 
 
 def test_attributions_are_exact_on_the_mlp_model(model):

@@ -291,6 +291,67 @@ def evaluate_cases(model: Any, recipe: Recipe, n: int = 500, seed: int = EVAL_SE
     return {"n_per_case": n, "held_out_accuracy": out}
 
 
+@torch.no_grad()
+def check_margins(model: Any, recipe: Recipe) -> dict:
+    """How decidedly the checks are answered: the yes − no logit after "?" of every color
+    check (each object with each color) and of every sum check with a stated sum within 3 of
+    the right one: the true checks of held-out objects and operand pairs one by one, of the
+    checked ones as their mean and minimum, and the false checks' (all objects, all pairs)
+    mean and maximum.
+
+    Accuracy only says whether a held-out object's true checks land above zero; a model that
+    checks a table of objects rather than comparing the stated color with the recalled one
+    gives its held-out objects margins far below the checked ones' (docs/casebook.md §4).
+    """
+    from qk_lens.toy.casebook_corpus import (
+        COLOR_WORDS,
+        COLORS,
+        N_LEFT,
+        N_NUMBERS,
+        N_RIGHT,
+        held_out_objects,
+        held_out_sums,
+    )
+
+    ids = token_ids(recipe.words())
+    yes, no = ids["yes"], ids["no"]
+
+    def margins(prompts: list[list[str]]) -> list[float]:
+        tokens = torch.tensor([[BOS_ID] + [ids[w] for w in p] for p in prompts])
+        logits = model(tokens)[:, -1]
+        return (logits[:, yes] - logits[:, no]).tolist()
+
+    def summary(rows: list[tuple[str, bool, bool, float]]) -> dict:
+        """rows: (key, held out, true, margin)."""
+        held = {k: round(m, 2) for k, h, t, m in rows if h and t}
+        checked = [m for _, h, t, m in rows if not h and t]
+        false = [m for _, h, t, m in rows if not t]
+        return {
+            "held_out_true": held,
+            "checked_true_mean": round(sum(checked) / len(checked), 2),
+            "checked_true_min": round(min(checked), 2),
+            "false_mean": round(sum(false) / len(false), 2),
+            "false_max": round(max(false), 2),
+        }
+
+    held_objects = set(held_out_objects())
+    prompts = [
+        ["the", "color", "of", "the", obj, "is", c, "?"] for obj, _ in COLORS for c in COLOR_WORDS
+    ]
+    facts = [(obj, obj in held_objects, c == true) for obj, true in COLORS for c in COLOR_WORDS]
+    colors = summary([(*f, m) for f, m in zip(facts, margins(prompts), strict=True)])
+
+    held_sums = held_out_sums()
+    prompts, facts = [], []
+    for a in range(N_LEFT):
+        for b in range(N_RIGHT):
+            for c in range(max(0, a + b - 3), min(N_NUMBERS, a + b + 4)):
+                prompts.append([str(a), "+", str(b), "=", str(c), "?"])
+                facts.append((f"{a} + {b}", (a, b) in held_sums, c == a + b))
+    sums = summary([(*f, m) for f, m in zip(facts, margins(prompts), strict=True)])
+    return {"colors": colors, "sums": sums}
+
+
 def save_model(
     model: HookedTransformer, recipe: Recipe, directory: Path, extra: dict[str, Any]
 ) -> None:
@@ -584,9 +645,11 @@ def build(
         t0 = time.perf_counter()
         model, losses = train_model(recipe, steps=steps)
         seconds = time.perf_counter() - t0
-        metrics = (
-            evaluate_model(model) if recipe.corpus == "repeats" else evaluate_cases(model, recipe)
-        )
+        if recipe.corpus == "repeats":
+            metrics = evaluate_model(model)
+        else:
+            metrics = evaluate_cases(model, recipe)
+            metrics["check_margins"] = check_margins(model, recipe)
         training = {
             "steps": len(losses),
             "seconds": round(seconds, 1),
