@@ -13,10 +13,12 @@ from qk_lens.toy.casebook_corpus import (
     HELD_OUT_NAMES,
     TITLES,
     Grammar,
+    color_check,
     held_out_items,
     held_out_objects,
     held_out_question,
     held_out_sums,
+    sum_check,
     training_documents,
     vocabulary,
 )
@@ -190,6 +192,19 @@ def test_roles_mark_the_evidence():
 def test_unknown_case_is_refused():
     with pytest.raises(ValueError, match="unknown case 'color'; cases: induction"):
         Grammar(0).item("color")
+
+
+def test_single_checks_are_answered_by_the_tables_and_refuse_what_is_not_in_them():
+    assert color_check("banana", "yellow").words[-1] == "yes"
+    assert color_check("banana", "red").prompt == "the color of the banana is red ?"
+    assert color_check("banana", "red").answer == "no"
+    assert sum_check(3, 4, 7).answer == "yes" and sum_check(3, 4, 8).answer == "no"
+    with pytest.raises(ValueError, match="no color check of 'kiwi' as 'green': objects are"):
+        color_check("kiwi", "green")
+    with pytest.raises(ValueError, match="no color check of 'banana' as 'teal'"):
+        color_check("banana", "teal")
+    with pytest.raises(ValueError, match=r"no sum check 3 \+ 10 = 13: operands are 0..9"):
+        sum_check(3, 10, 13)
 
 
 def test_filler_says_runs_twice():

@@ -233,6 +233,32 @@ class Item:
         return self.words[-1]
 
 
+def color_check(obj: str, color: str) -> Item:
+    """The color check `the color of the OBJ is COLOR ?`, answered from :data:`COLORS`."""
+    true = dict(COLORS).get(obj)
+    if true is None or color not in COLOR_WORDS:
+        raise ValueError(
+            f"no color check of {obj!r} as {color!r}: objects are {[o for o, _ in COLORS]}, "
+            f"colors {list(COLOR_WORDS)}"
+        )
+    words = ["the", "color", "of", "the", obj, "is", color, "?"]
+    return Item("correctness", (*words, "yes" if color == true else "no"),
+                {"source": 6, "object": 4})  # fmt: skip
+
+
+def sum_check(a: int, b: int, c: int) -> Item:
+    """The sum check `A + B = C ?`, answered."""
+    if not (0 <= a < N_LEFT and 0 <= b < N_RIGHT and 0 <= c < N_NUMBERS):
+        raise ValueError(
+            f"no sum check {a} + {b} = {c}: operands are 0..{N_LEFT - 1} and 0..{N_RIGHT - 1}, "
+            f"sums 0..{N_NUMBERS - 1}"
+        )
+    words = [str(a), "+", str(b), "=", str(c), "?"]
+    # "operand": the second operand, where the paper's sum checks attend from the sum
+    return Item("arithmetic", (*words, "yes" if c == a + b else "no"),
+                {"source": 4, "operand": 2})  # fmt: skip
+
+
 class Grammar:
     """Draws items and filler from a seed; ``held_out=True`` draws only held-out items."""
 
@@ -376,11 +402,7 @@ class Grammar:
         i = r.choice(objects)
         obj, true = COLORS[i]
         color = true if r.random() < 0.5 else r.choice([c for c in COLOR_WORDS if c != true])
-        words = ["the", "color", "of", "the", obj, "is"]
-        src = len(words)
-        words += [color, "?"]
-        answer = "yes" if color == true else "no"
-        return Item("correctness", (*words, answer), {"source": src, "object": 4})
+        return color_check(obj, color)
 
     def _pair(self, checked: bool) -> tuple[int, int]:
         """Operands: a stated sum may be any pair; a checked one is held out or not."""
@@ -398,10 +420,7 @@ class Grammar:
         else:
             c = a + b + r.choice((-3, -2, -1, 1, 2, 3))
             c = c if 0 <= c < N_NUMBERS else a + b + 1
-        words = [str(a), "+", str(b), "=", str(c), "?"]
-        # "operand": the second operand, where the paper's sum checks attend from the sum
-        return Item("arithmetic", (*words, "yes" if c == a + b else "no"),
-                    {"source": 4, "operand": 2})  # fmt: skip
+        return sum_check(a, b, c)
 
     def item(self, case: str) -> Item:
         if case not in CASES:

@@ -309,20 +309,23 @@ def check_margins(model: Any, recipe: Recipe) -> dict:
         N_LEFT,
         N_NUMBERS,
         N_RIGHT,
+        color_check,
         held_out_objects,
         held_out_sums,
+        sum_check,
     )
 
     ids = token_ids(recipe.words())
     yes, no = ids["yes"], ids["no"]
 
-    def margins(prompts: list[list[str]]) -> list[float]:
-        tokens = torch.tensor([[BOS_ID] + [ids[w] for w in p] for p in prompts])
-        logits = model(tokens)[:, -1]
-        return (logits[:, yes] - logits[:, no]).tolist()
-
-    def summary(rows: list[tuple[str, bool, bool, float]]) -> dict:
-        """rows: (key, held out, true, margin)."""
+    def summary(checks: list[tuple[str, bool, Any]]) -> dict:
+        """checks: (key, held out, the check's item)."""
+        tokens = torch.tensor([[BOS_ID] + [ids[w] for w in it.words[:-1]] for *_, it in checks])
+        logits = model(tokens)[:, -1]  # every check of a kind has the same length
+        margins = (logits[:, yes] - logits[:, no]).tolist()
+        rows = [
+            (k, h, it.answer == "yes", m) for (k, h, it), m in zip(checks, margins, strict=True)
+        ]
         held = {k: round(m, 2) for k, h, t, m in rows if h and t}
         checked = [m for _, h, t, m in rows if not h and t]
         false = [m for _, h, t, m in rows if not t]
@@ -334,21 +337,18 @@ def check_margins(model: Any, recipe: Recipe) -> dict:
             "false_max": round(max(false), 2),
         }
 
-    held_objects = set(held_out_objects())
-    prompts = [
-        ["the", "color", "of", "the", obj, "is", c, "?"] for obj, _ in COLORS for c in COLOR_WORDS
-    ]
-    facts = [(obj, obj in held_objects, c == true) for obj, true in COLORS for c in COLOR_WORDS]
-    colors = summary([(*f, m) for f, m in zip(facts, margins(prompts), strict=True)])
-
-    held_sums = held_out_sums()
-    prompts, facts = [], []
-    for a in range(N_LEFT):
-        for b in range(N_RIGHT):
-            for c in range(max(0, a + b - 3), min(N_NUMBERS, a + b + 4)):
-                prompts.append([str(a), "+", str(b), "=", str(c), "?"])
-                facts.append((f"{a} + {b}", (a, b) in held_sums, c == a + b))
-    sums = summary([(*f, m) for f, m in zip(facts, margins(prompts), strict=True)])
+    held_objects, held_sums = set(held_out_objects()), held_out_sums()
+    colors = summary(
+        [(o, o in held_objects, color_check(o, c)) for o, _ in COLORS for c in COLOR_WORDS]
+    )
+    sums = summary(
+        [
+            (f"{a} + {b}", (a, b) in held_sums, sum_check(a, b, c))
+            for a in range(N_LEFT)
+            for b in range(N_RIGHT)
+            for c in range(max(0, a + b - 3), min(N_NUMBERS, a + b + 4))
+        ]
+    )
     return {"colors": colors, "sums": sums}
 
 
