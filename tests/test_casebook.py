@@ -258,16 +258,20 @@ def test_recency_split_sums_and_reads_the_model(study_model):
     assert abs(float(split.direct["delta"].sum()) - float(f["delta"].sum())) < 1e-3
 
 
+def _last(words: list[str], word: str) -> int:
+    return len(words) - 1 - words[::-1].index(word)
+
+
 # query and key positions read off the words (BOS first: "the color of the OBJECT is COLOR ?",
-# "A + B = C ?"): "final" from "?" to the word before it, "statement" from the stated value to
-# the object or the second operand
+# "A + B = C ?", after a sentence that may hold "is" or "+"): "final" from "?" to the word
+# before it, "statement" from the stated value to the object or the second operand
 @pytest.mark.parametrize(
     "case, at, query, key",
     [
         ("correctness", "final", lambda w: w.index("?") + 1, lambda w: w.index("?")),
         ("arithmetic", "final", lambda w: w.index("?") + 1, lambda w: w.index("?")),
-        ("correctness", "statement", lambda w: w.index("is") + 2, lambda w: w.index("is")),
-        ("arithmetic", "statement", lambda w: w.index("=") + 2, lambda w: w.index("+") + 2),
+        ("correctness", "statement", lambda w: _last(w, "is") + 2, lambda w: _last(w, "is")),
+        ("arithmetic", "statement", lambda w: _last(w, "=") + 2, lambda w: _last(w, "+") + 2),
     ],
 )
 def test_separating_heads_read_the_patterns(study_model, case, at, query, key):

@@ -64,10 +64,11 @@ def _truth(item) -> str:
         country = dict(CAPITALS)[w[item.marks["city"]]]
         options = [w[item.marks[f"option{j}"]] for j in range(3)]
         return "abc"[options.index(country)]
-    if item.case == "correctness":
-        return "yes" if dict(COLORS)[w[4]] == w[6] else "no"
+    if item.case == "correctness":  # held-out checks may follow a sentence: read the marks
+        return "yes" if dict(COLORS)[w[item.marks["object"]]] == w[item.marks["source"]] else "no"
     if item.case == "arithmetic":
-        a, b, c = int(w[0]), int(w[2]), int(w[4])
+        b = item.marks["operand"]
+        a, b, c = int(w[b - 2]), int(w[b]), int(w[item.marks["source"]])
         return "yes" if a + b == c else "no"
     # induction: the name after the last earlier occurrence of the final title
     title = w[-2]
@@ -147,13 +148,14 @@ def test_held_out_checks_and_questions_never_in_training(training_items):
     for it in training_items["arithmetic"]:
         assert (int(it.words[0]), int(it.words[2])) not in sums
     for it in held_out_items("arithmetic", 300):
-        assert (int(it.words[0]), int(it.words[2])) in sums
+        b = it.marks["operand"]
+        assert (int(it.words[b - 2]), int(it.words[b])) in sums
     objects = held_out_objects()
     assert len(objects) == 5
     for it in training_items["correctness"]:
         assert it.words[4] not in objects
     for it in held_out_items("correctness", 300):
-        assert it.words[4] in objects
+        assert it.words[it.marks["object"]] in objects
 
     def question(it):
         w = it.words
@@ -221,3 +223,46 @@ def test_filler_says_runs_twice():
                 ):
                     runs += 1
     assert runs >= 20, runs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_held_out_prompts_are_distinct(case):
+    items = held_out_items(case, 500, seed=999)
+    assert len({it.prompt for it in items}) == 500
+    # the first draws of the grammar, duplicates skipped: the same items from a longer draw
+    assert [it.words for it in held_out_items(case, 50, seed=999)] == [
+        it.words for it in items[:50]
+    ]
+
+
+def test_held_out_checks_follow_sentences_that_do_not_give_them_away():
+    g = Grammar(12345, held_out=True)  # seven draws in ten come after a sentence
+    drawn = [g.item("correctness") for _ in range(1000)]
+    assert 0.65 < sum(len(it.words) > 9 for it in drawn) / 1000 < 0.75
+    colors = held_out_items("correctness", 300)
+    assert sum(len(it.words) == 9 for it in colors) <= 40  # the bare ones, each once
+    assert len({it.words[-6:-2] for it in colors}) >= 35  # nearly all 5 x 8 statements
+    for it in colors:
+        assert it.words.count(it.words[it.marks["object"]]) == 1  # its color is not stated before
+        assert (
+            it.words[it.marks["object"] - 4 :]
+            == color_check(it.words[it.marks["object"]], it.words[it.marks["source"]]).words
+        )
+    sums = held_out_items("arithmetic", 300)
+    assert sum(len(it.words) == 7 for it in sums) <= 100  # the bare ones, each once
+    for it in sums:
+        p = it.marks["operand"]
+        a, b, c = int(it.words[p - 2]), int(it.words[p]), int(it.words[p + 2])
+        assert it.words[p - 2 :] == sum_check(a, b, c).words
+        before = it.words[: it.marks["operand"] - 2]
+        stated = {(before[i - 1], before[i + 1]) for i, w in enumerate(before) if w == "+"}
+        assert not stated & {(str(a), str(b)), (str(b), str(a))}  # nor its sum
+
+
+def test_held_out_items_refuse_more_distinct_prompts_than_the_grammar_has(monkeypatch):
+    import qk_lens.toy.casebook_corpus as corpus
+
+    monkeypatch.setattr(corpus, "HELD_OUT_CONTEXT", 0.0)  # bare checks: 5 objects x 8 colors
+    assert len(held_out_items("correctness", 40)) == 40
+    with pytest.raises(ValueError, match="only 40 distinct held-out 'correctness' prompts"):
+        held_out_items("correctness", 41)

@@ -33,6 +33,11 @@ Held out (never in training, in any sentence; :func:`held_out_items` draws from 
   a + b with a < b, and b + a is checked in training: models learn a sum check per unordered
   pair of operands, and a pair held out in both orders stayed unlearned (docs/casebook.md §4).
 
+Held-out checks follow a held-out filler sentence seven times in ten (one that never states the
+color or the sum checked), as the antonyms do: bare, the 5 held-out objects give only 40 color
+checks (5 true) and the 10 pairs 100 sum checks (10 true), too few for figures over hundreds of
+distinct prompts. :func:`held_out_items` gives distinct prompts, so a figure over n counts n.
+
 Among the filler, a run of titles, names and things said twice rewards plain induction (the
 second copy is predicted only by finding each word earlier and copying what followed it):
 without it the induction head formed on one data stream in five (docs/casebook.md §4).
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -103,6 +108,10 @@ _THINGS = ("dog", "book", "car", "house", "hat", "boat", "cup", "ball")
 # need the most examples (a first recipe drew every case equally: induction 59%, arithmetic 86%
 # held out)
 _CASE_DRAWS = (*CASES, "induction", "arithmetic")
+# held-out checks follow a held-out filler sentence this often (Grammar._in_context)
+HELD_OUT_CONTEXT = 0.7
+# held_out_items gives up after this many draws per distinct prompt asked for
+HELD_OUT_DRAWS = 20
 # how an induction story asks for a name again
 _RECALLS = (("whenever", "i", "was", "feeling", "sad", ","), ("so", "i", "called"),
             ("the", "next", "day", ","))  # fmt: skip
@@ -402,7 +411,7 @@ class Grammar:
         i = r.choice(objects)
         obj, true = COLORS[i]
         color = true if r.random() < 0.5 else r.choice([c for c in COLOR_WORDS if c != true])
-        return color_check(obj, color)
+        return self._in_context(color_check(obj, color), lambda s: obj in s)
 
     def _pair(self, checked: bool) -> tuple[int, int]:
         """Operands: a stated sum may be any pair; a checked one is held out or not."""
@@ -420,7 +429,22 @@ class Grammar:
         else:
             c = a + b + r.choice((-3, -2, -1, 1, 2, 3))
             c = c if 0 <= c < N_NUMBERS else a + b + 1
-        return sum_check(a, b, c)
+        operands = {str(a), str(b)}
+        return self._in_context(sum_check(a, b, c), lambda s: "+" in s and operands <= set(s))
+
+    def _in_context(self, item: Item, gives_away: Callable[[list[str]], bool]) -> Item:
+        """A held-out check after a held-out filler sentence (seven in ten, as the antonyms),
+        never one that states what is checked: without context only 40 color checks and 100
+        sum checks exist, and training checks follow text too. Training draws are unchanged."""
+        if not self.held_out or self.rng.random() >= HELD_OUT_CONTEXT:
+            return item
+        while True:
+            sentence = self.filler()
+            if not gives_away(sentence):
+                break
+        n = len(sentence)
+        marks = {key: p + n for key, p in item.marks.items()}
+        return Item(item.case, (*sentence, *item.words), marks, item.foil)
 
     def item(self, case: str) -> Item:
         if case not in CASES:
@@ -458,9 +482,23 @@ class Document(NamedTuple):
 
 
 def held_out_items(case: str, n: int, seed: int = 12345) -> list[Item]:
-    """``n`` held-out items of ``case`` (see the module's docstring for what is held out)."""
+    """``n`` held-out items of ``case`` with distinct prompts, in the grammar's order (see the
+    module's docstring for what is held out): a figure over n prompts counts n different ones."""
     g = Grammar(seed, held_out=True)
-    return [g.item(case) for _ in range(n)]
+    out: list[Item] = []
+    seen: set[str] = set()
+    draws = HELD_OUT_DRAWS * n
+    for _ in range(draws):
+        item = g.item(case)
+        if item.prompt not in seen:
+            seen.add(item.prompt)
+            out.append(item)
+            if len(out) == n:
+                return out
+    raise ValueError(
+        f"the grammar drew only {len(out)} distinct held-out {case!r} prompts in {draws} draws; "
+        f"ask for fewer than n={n}"
+    )
 
 
 def training_documents(seed: int, n_ctx: int) -> Iterator[Document]:
