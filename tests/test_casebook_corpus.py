@@ -67,8 +67,8 @@ def _truth(item) -> str:
     if item.case == "correctness":  # held-out checks may follow a sentence: read the marks
         return "yes" if dict(COLORS)[w[item.marks["object"]]] == w[item.marks["source"]] else "no"
     if item.case == "arithmetic":
-        b = item.marks["operand"]
-        a, b, c = int(w[b - 2]), int(w[b]), int(w[item.marks["source"]])
+        p = item.marks["operand"]  # the second operand
+        a, b, c = int(w[p - 2]), int(w[p]), int(w[item.marks["source"]])
         return "yes" if a + b == c else "no"
     # induction: the name after the last earlier occurrence of the final title
     title = w[-2]
@@ -148,8 +148,8 @@ def test_held_out_checks_and_questions_never_in_training(training_items):
     for it in training_items["arithmetic"]:
         assert (int(it.words[0]), int(it.words[2])) not in sums
     for it in held_out_items("arithmetic", 300):
-        b = it.marks["operand"]
-        assert (int(it.words[b - 2]), int(it.words[b])) in sums
+        p = it.marks["operand"]
+        assert (int(it.words[p - 2]), int(it.words[p])) in sums
     objects = held_out_objects()
     assert len(objects) == 5
     for it in training_items["correctness"]:
@@ -266,3 +266,6 @@ def test_held_out_items_refuse_more_distinct_prompts_than_the_grammar_has(monkey
     assert len(held_out_items("correctness", 40)) == 40
     with pytest.raises(ValueError, match="only 40 distinct held-out 'correctness' prompts"):
         held_out_items("correctness", 41)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"n must be a positive int, got {bad}"):
+            held_out_items("correctness", bad)

@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from qk_lens.checks import check_count
+
 CASES = ("induction", "antonyms", "multiple-choice", "correctness", "arithmetic")
 
 NAMES = (
@@ -484,6 +486,7 @@ class Document(NamedTuple):
 def held_out_items(case: str, n: int, seed: int = 12345) -> list[Item]:
     """``n`` held-out items of ``case`` with distinct prompts, in the grammar's order (see the
     module's docstring for what is held out): a figure over n prompts counts n different ones."""
+    n = check_count("n", n)
     g = Grammar(seed, held_out=True)
     out: list[Item] = []
     seen: set[str] = set()
